@@ -1,0 +1,87 @@
+"""The signer layer: where the private key lives, and the only layer that touches it.
+
+`load_signer` and `generate_key` take one reference string and pick the backend from it: an
+RFC 7512 ``pkcs11:`` URI goes to `Pkcs11Signer` (HSM, YubiHSM 2, SoftHSM2), anything else is
+the path of a PEM file for `PemSigner` (development only: the key is then in process memory).
+
+>>> signer = load_signer("pkcs11:token=dpop-dev;object=dpop-es256", pin="1234")  # doctest: +SKIP
+>>> signer.public_jwk["crv"]  # doctest: +SKIP
+'P-256'
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dpop_signer.signers.base import ALGORITHM, AsyncSigner, Signer, check_signature, sign_async
+from dpop_signer.signers.pem import PemSigner, generate_pem_key
+
+if TYPE_CHECKING:
+    from dpop_signer.signers.pkcs11 import Pkcs11Signer
+
+__all__ = [
+    "ALGORITHM",
+    "AsyncSigner",
+    "PemSigner",
+    "Pkcs11Signer",
+    "Signer",
+    "check_signature",
+    "generate_key",
+    "is_pkcs11_ref",
+    "load_signer",
+    "sign_async",
+]
+
+
+def is_pkcs11_ref(ref: str) -> bool:
+    """True when ``ref`` is an RFC 7512 PKCS#11 URI rather than a file path."""
+    return ref[:7].lower() == "pkcs11:"
+
+
+def load_signer(ref: str, *, pin: str | None = None) -> Signer:
+    """Open the key that ``ref`` names.
+
+    Args:
+        ref: an RFC 7512 ``pkcs11:`` URI, or the path of a PEM private key.
+        pin: the token PIN or PEM passphrase. For PKCS#11 it wins over ``pin-value`` /
+            ``pin-source`` in the URI, which win over the ``DPOP_PIN`` environment variable.
+            For PEM, ``DPOP_PIN`` is used when ``pin`` is None and the file is encrypted.
+
+    Raises:
+        DPoPSignerError: a subclass naming what is wrong (see `dpop_signer.errors`).
+    """
+    if is_pkcs11_ref(ref):
+        from dpop_signer.signers.pkcs11 import open_pkcs11_signer
+
+        return open_pkcs11_signer(ref, pin=pin)
+    return PemSigner.from_file(ref, pin=_env_pin(pin))
+
+
+def generate_key(ref: str, *, pin: str | None = None) -> Signer:
+    """Create a new P-256 key at ``ref`` and return its signer.
+
+    A PEM file is written with mode 0600 and never overwritten (``pin`` encrypts it). In a
+    token the private key is a token object, private, sensitive and never extractable, with
+    the URI's ``object`` label and ``id``; an existing label is refused.
+    """
+    if is_pkcs11_ref(ref):
+        from dpop_signer.signers.pkcs11 import generate_pkcs11_key
+
+        return generate_pkcs11_key(ref, pin=pin)
+    return generate_pem_key(ref, pin=pin)
+
+
+def _env_pin(pin: str | None) -> str | None:
+    import os
+
+    return pin if pin is not None else os.environ.get("DPOP_PIN")
+
+
+def __getattr__(name: str) -> object:
+    # Pkcs11Signer is re-exported lazily: importing python-pkcs11 costs start-up time that a
+    # PEM-only user should not pay.
+    if name == "Pkcs11Signer":
+        from dpop_signer.signers.pkcs11 import Pkcs11Signer
+
+        return Pkcs11Signer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,11 +10,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from dpop_signer.signers.base import Signer
 
 IN_CI = bool(os.environ.get("CI"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,8 +83,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["SOFTHSM2_CONF"] = str(conf)
     os.environ["DPOP_PKCS11_MODULE"] = module
     subprocess.run(
-        [util, "--init-token", "--free", "--label", TOKEN_LABEL, "--pin", USER_PIN,
-         "--so-pin", SO_PIN],
+        [
+            util,
+            "--init-token",
+            "--free",
+            "--label",
+            TOKEN_LABEL,
+            "--pin",
+            USER_PIN,
+            "--so-pin",
+            SO_PIN,
+        ],
         check=True,
         capture_output=True,
     )
@@ -133,7 +143,7 @@ def pem_key_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
-def pem_signer(pem_key_path: str) -> Iterator[object]:
+def pem_signer(pem_key_path: str) -> Signer:
     from dpop_signer import load_signer
 
-    yield load_signer(pem_key_path)
+    return load_signer(pem_key_path)

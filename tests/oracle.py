@@ -42,12 +42,8 @@ def _b64e(data: bytes) -> str:
 
 def thumbprint(jwk: dict[str, Any]) -> str:
     """RFC 7638 §3: required members, lexicographic order, no white space, SHA-256."""
-    canon = '{"crv":"%s","kty":"%s","x":"%s","y":"%s"}' % (
-        jwk["crv"],
-        jwk["kty"],
-        jwk["x"],
-        jwk["y"],
-    )
+    canon = '{"crv":"' + jwk["crv"] + '","kty":"' + jwk["kty"] + '","x":"' + jwk["x"]
+    canon += '","y":"' + jwk["y"] + '"}'
     return _b64e(hashlib.sha256(canon.encode()).digest())
 
 

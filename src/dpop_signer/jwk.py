@@ -5,7 +5,7 @@ carries in its header (RFC 9449 §4.2), computes the thumbprint an authorization
 token to (``cnf.jkt``, RFC 9449 §6.1), and converts ES256 signatures between the fixed-width
 JWS form (RFC 7518 §3.4) and the DER form that ``cryptography`` speaks.
 
->>> jwk = ec_public_jwk(b"\\x04" + bytes(range(64)))
+>>> jwk = ec_public_jwk(bytes([4]) + bytes(range(64)))
 >>> sorted(jwk)
 ['crv', 'kty', 'x', 'y']
 """
@@ -90,7 +90,11 @@ def jwk_thumbprint(jwk: Mapping[str, object]) -> str:
     Only the required members take part, in lexicographic order, with no white space
     (RFC 7638 §3.2): ``crv, kty, x, y`` for EC, ``e, kty, n`` for RSA, ``crv, kty, x`` for OKP.
     """
-    required = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
+    required = {
+        "EC": ("crv", "kty", "x", "y"),
+        "RSA": ("e", "kty", "n"),
+        "OKP": ("crv", "kty", "x"),
+    }
     kty = jwk.get("kty")
     if not isinstance(kty, str) or kty not in required:
         raise ValueError(f"cannot compute a thumbprint for key type {kty!r}")

@@ -1,0 +1,700 @@
+"""`DPoPAuth`: an ``httpx.Auth`` that gives every request a DPoP-bound token and a fresh proof.
+
+>>> auth = DPoPAuth(signer, token_url="https://as.example/token", client_id="svc",
+...                 client_secret=secret)  # doctest: +SKIP
+>>> with httpx.Client(auth=auth, timeout=10) as client:  # doctest: +SKIP
+...     client.get("https://api.example/v1/things")
+
+What happens per request:
+
+1. The client_credentials token is taken from the cache, or fetched through the *same* client
+   (the token request is yielded from the auth flow, so it goes through the application's
+   transport, proxies, mocks and timeouts). One fetch at a time: concurrent requests wait for
+   it (a ``threading.Lock`` in `httpx.Client`, an ``asyncio.Lock`` per event loop in
+   `httpx.AsyncClient`). The token is renewed ``leeway`` seconds before it expires (at most half
+   its lifetime early).
+2. ``Authorization: DPoP <token>`` and ``DPoP: <proof>`` are set; the proof has ``ath`` and the
+   origin's nonce if one is known.
+3. The response is checked without reading its body (streamed responses stay streamed):
+   a ``DPoP-Nonce`` header is remembered for the origin (RFC 9449 §8.2), a ``Date`` header
+   teaches the clock offset used for ``iat``, and a ``401`` with ``WWW-Authenticate: DPoP``
+   is handled:
+
+   - ``error="use_dpop_nonce"`` with a new ``DPoP-Nonce``: one retry with a fresh proof (§9);
+   - ``error="invalid_token"``: the token is renewed once and the request retried once.
+
+   At the token endpoint a ``400 {"error": "use_dpop_nonce"}`` gets one retry too (§8). A
+   server that asks again right after the retry, repeats the nonce it had issued, or sends no
+   ``DPoP-Nonce`` ends in `UseDPoPNonceError`; nothing loops. A request is sent at most three
+   times (nonce retry + renewal retry).
+
+Errors: everything raised on purpose is a `DPoPSignerError`. A connection error or timeout on
+the *token* request becomes `ServerUnreachableError` (chained from the httpx exception); the
+same on the API request itself is left as the httpx exception (``httpx.ConnectError``,
+``httpx.ReadTimeout``, ...), exactly as without this auth. Timeouts are the client's: set
+``timeout=`` on the ``httpx.Client``. A request body that is a one-shot stream (a generator)
+is never re-sent: a retry it would need raises `UseDPoPNonceError` or `OAuthError` instead.
+
+The protocol logic lives in plain generators that do no I/O, do not sign and take no locks:
+they yield small steps (sign these bytes, send this request, take or release the fetch lock).
+`sync_auth_flow` and `async_auth_flow` are thin drivers that carry the steps out, signing
+through ``signer.sign`` or the signer's async path, and reading token-response bodies only.
+
+Logs (``logging.getLogger("dpop_signer")``) carry status codes, ``jti``, ``jkt``, token request
+counts and clock offsets; never a token, proof, nonce or secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, NamedTuple, TypeVar
+
+import httpx
+
+from dpop_signer.errors import (
+    ConfigError,
+    OAuthError,
+    ServerUnreachableError,
+    TokenEndpointError,
+    UseDPoPNonceError,
+)
+from dpop_signer.nonces import NonceCache
+from dpop_signer.proof import DPoPProofBuilder, is_nonce, normalize_htu
+from dpop_signer.signers.base import Signer, sign_async
+from dpop_signer.tokens import AccessToken, ClientAuth, ClientCredentialsTokenSource
+
+__all__ = ["DPoPAuth"]
+
+logger = logging.getLogger("dpop_signer")
+
+T = TypeVar("T")
+
+_MIN_SKEW = 2.0
+"""Offsets smaller than this are noise: ``Date`` has one-second resolution, plus latency."""
+
+
+class _Sign(NamedTuple):
+    signer: Signer
+    message: bytes
+
+
+class _Send(NamedTuple):
+    request: httpx.Request
+    token_request: bool
+
+
+class _Lock(enum.Enum):
+    ACQUIRE = "acquire"
+    RELEASE = "release"
+
+
+_Step = _Sign | _Send | _Lock
+_Flow = Generator[_Step, Any, T]
+
+
+@dataclass(frozen=True)
+class _Cached:
+    token: AccessToken
+    renew_at: float | None  # client clock; None: no expiry known, renewed only on 401
+
+
+class DPoPAuth(httpx.Auth):
+    """DPoP (RFC 9449) with client_credentials tokens for `httpx.Client` and `httpx.AsyncClient`.
+
+    Args:
+        signer: The DPoP key (PKCS#11 or PEM); it signs every proof.
+        token_url: The authorization server's token endpoint.
+        client_id: The OAuth client id.
+        client_secret: For ``client_secret_basic`` / ``client_secret_post``.
+        scope: Space-separated scopes to ask for.
+        client_auth: ``client_secret_basic`` (default), ``client_secret_post``,
+            ``private_key_jwt`` or ``none`` (see `dpop_signer.tokens`).
+        assertion_signer: Signs ``private_key_jwt`` assertions; defaults to ``signer``.
+        resource: RFC 8707 resource indicator(s) for the token request.
+        audience: An ``audience`` token request parameter.
+        leeway: Renew this many seconds before the token expires (at most half its lifetime).
+        accept_bearer: Accept a ``Bearer`` token from the token endpoint (sent with the
+            ``Bearer`` scheme, still with a proof). Off: a downgrade is an error.
+        nonces: A shared `NonceCache`; by default each auth has its own.
+        clock: Seconds since the epoch, for expiry, ``iat`` and clock-offset measurement.
+
+    Raises:
+        ConfigError: missing or contradictory settings.
+    """
+
+    requires_request_body = False
+    requires_response_body = False  # API bodies stay streamed; token bodies are read by us.
+
+    def __init__(
+        self,
+        signer: Signer,
+        *,
+        token_url: str,
+        client_id: str,
+        client_secret: str | None = None,
+        scope: str | None = None,
+        client_auth: ClientAuth = "client_secret_basic",
+        assertion_signer: Signer | None = None,
+        resource: str | Sequence[str] | None = None,
+        audience: str | None = None,
+        leeway: float = 30.0,
+        accept_bearer: bool = False,
+        nonces: NonceCache | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if (
+            isinstance(leeway, bool)
+            or not isinstance(leeway, int | float)
+            or not (math.isfinite(leeway) and leeway >= 0)
+        ):
+            raise ConfigError(f"leeway must be a non-negative number of seconds, not {leeway!r}")
+        if client_auth == "private_key_jwt" and assertion_signer is None:
+            assertion_signer = signer
+        self._signer = signer
+        self._source = ClientCredentialsTokenSource(
+            token_url,
+            client_id,
+            client_secret=client_secret,
+            client_auth=client_auth,
+            assertion_signer=assertion_signer,
+            scope=scope,
+            resource=resource,
+            audience=audience,
+            accept_bearer=accept_bearer,
+        )
+        self._proofs = DPoPProofBuilder(signer, clock=clock)
+        self._nonces = NonceCache() if nonces is None else nonces
+        self._clock = clock
+        self._leeway = float(leeway)
+        self._cached: _Cached | None = None
+        self._token_requests = 0
+        self._skew: float | None = None
+        self._last_date: str | None = None
+        self._sync_lock = threading.Lock()
+        self._async_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._async_locks_guard = threading.Lock()
+
+    # -- public surface ---------------------------------------------------------------------
+
+    @property
+    def proofs(self) -> DPoPProofBuilder:
+        """The proof builder (its ``clock_offset`` follows the servers' ``Date`` headers)."""
+        return self._proofs
+
+    @property
+    def nonces(self) -> NonceCache:
+        """The per-origin nonce cache."""
+        return self._nonces
+
+    @property
+    def jkt(self) -> str:
+        """RFC 7638 thumbprint of the DPoP key: what tokens are bound to (``cnf.jkt``)."""
+        return self._proofs.jkt
+
+    @property
+    def token_source(self) -> ClientCredentialsTokenSource:
+        """Builds token requests and parses token responses."""
+        return self._source
+
+    @property
+    def token(self) -> AccessToken | None:
+        """The cached token, fresh or not (None before the first fetch)."""
+        cached = self._cached
+        return None if cached is None else cached.token
+
+    @property
+    def token_requests(self) -> int:
+        """How many token requests this auth has sent (retries included)."""
+        return self._token_requests
+
+    @property
+    def clock_skew(self) -> float | None:
+        """Last measured server clock minus local clock, in seconds (None before a ``Date``)."""
+        return self._skew
+
+    def invalidate(self) -> None:
+        """Forget the cached token; the next request fetches a new one."""
+        self._cached = None
+
+    def get_token(self, client: httpx.Client) -> AccessToken:
+        """The current token: cached, or fetched through ``client`` (one fetch at a time).
+
+        Raises:
+            OAuthError: the token endpoint refused, failed or could not be reached.
+            SignerError: the signer failed.
+        """
+        runner = self._run_sync(self._token(None))
+        try:
+            request = next(runner)
+            for _ in range(8):  # a fetch sends at most two requests; bound it anyway
+                # auth=None: the token request must not go through this auth (or any other).
+                response = client.send(request, auth=None)
+                request = runner.send(response)
+            raise OAuthError("token fetch did not finish; this is a bug in dpop-signer")
+        except StopIteration as stop:
+            token: AccessToken = stop.value
+            return token
+        finally:
+            # On a transport error this turns it into ServerUnreachableError (see _run_sync).
+            runner.close()
+
+    async def aget_token(self, client: httpx.AsyncClient) -> AccessToken:
+        """`get_token` for `httpx.AsyncClient` (signs through the signer's async path)."""
+        result: list[AccessToken] = []
+        runner = self._run_async(self._token(None), result)
+        try:
+            request = await anext(runner)
+            for _ in range(8):
+                response = await client.send(request, auth=None)
+                request = await runner.asend(response)
+            raise OAuthError("token fetch did not finish; this is a bug in dpop-signer")
+        except StopAsyncIteration:
+            return result[0]
+        finally:
+            await runner.aclose()
+
+    def headers(self, client: httpx.Client, htm: str, htu: str) -> dict[str, str]:
+        """``Authorization`` and ``DPoP`` headers for one request sent by someone else.
+
+        The proof has ``ath`` and the nonce known for ``htu``'s origin. Nonce challenges and
+        401s of that request are the caller's to handle (this is what ``dpop token`` and the
+        service's ``/v1/headers`` use).
+
+        Raises:
+            ProofError: ``htm`` or ``htu`` is malformed.
+            OAuthError: the token could not be obtained.
+        """
+        nonce = self._nonces.get(htu)
+        token = self.get_token(client)
+        proof = self._proofs.build(htm, htu, access_token=token.value, nonce=nonce)
+        return {"Authorization": f"{token.scheme} {token.value}", "DPoP": proof}
+
+    async def aheaders(self, client: httpx.AsyncClient, htm: str, htu: str) -> dict[str, str]:
+        """`headers` for `httpx.AsyncClient`."""
+        nonce = self._nonces.get(htu)
+        token = await self.aget_token(client)
+        proof = await self._proofs.build_async(htm, htu, access_token=token.value, nonce=nonce)
+        return {"Authorization": f"{token.scheme} {token.value}", "DPoP": proof}
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """The synchronous flow (httpx calls `sync_auth_flow` / `async_auth_flow` instead)."""
+        return self._run_sync(self._request_flow(request))
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        """Drive the flow for `httpx.Client`: sign inline, a thread lock around token fetches."""
+        return self._run_sync(self._request_flow(request))
+
+    def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """Drive the flow for `httpx.AsyncClient`: async signing, a per-loop asyncio lock."""
+        return self._run_async(self._request_flow(request), None)
+
+    def __repr__(self) -> str:
+        return (
+            f"DPoPAuth(token_url={self._source.htu!r}, client_id={self._source.client_id!r}, "
+            f"client_auth={self._source.client_auth!r}, jkt={self.jkt!r})"
+        )
+
+    # -- drivers: the only code that signs, sends, reads bodies and locks --------------------
+
+    def _run_sync(self, flow: _Flow[T]) -> Generator[httpx.Request, httpx.Response, T]:
+        reply: Any = None
+        locked = False
+        try:
+            while True:
+                try:
+                    step = flow.send(reply)
+                except StopIteration as stop:
+                    result: T = stop.value
+                    return result
+                if isinstance(step, _Sign):
+                    reply = step.signer.sign(step.message)
+                elif isinstance(step, _Send):
+                    try:
+                        reply = yield step.request
+                    except GeneratorExit as exit_:
+                        # The client closes the flow when sending failed; a transport error on
+                        # the token request is the token endpoint being unreachable.
+                        self._raise_unreachable(step, exit_.__context__)
+                        raise
+                    if step.token_request:
+                        try:
+                            reply.read()
+                        except httpx.TransportError as exc:
+                            self._raise_unreachable(step, exc)
+                            raise  # pragma: no cover - _raise_unreachable raised
+                elif step is _Lock.ACQUIRE:
+                    self._sync_lock.acquire()
+                    locked = True
+                else:
+                    self._sync_lock.release()
+                    locked = False
+        finally:
+            if locked:
+                self._sync_lock.release()
+            flow.close()
+
+    async def _run_async(
+        self, flow: _Flow[Any], result: list[Any] | None
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        reply: Any = None
+        lock: asyncio.Lock | None = None
+        try:
+            while True:
+                try:
+                    step = flow.send(reply)
+                except StopIteration as stop:
+                    if result is not None:
+                        result.append(stop.value)
+                    return
+                if isinstance(step, _Sign):
+                    reply = await sign_async(step.signer, step.message)
+                elif isinstance(step, _Send):
+                    try:
+                        reply = yield step.request
+                    except GeneratorExit as exit_:
+                        self._raise_unreachable(step, exit_.__context__)
+                        raise
+                    if step.token_request:
+                        try:
+                            await reply.aread()
+                        except httpx.TransportError as exc:
+                            self._raise_unreachable(step, exc)
+                            raise  # pragma: no cover - _raise_unreachable raised
+                elif step is _Lock.ACQUIRE:
+                    lock = self._async_lock()
+                    await lock.acquire()
+                elif lock is not None:
+                    lock.release()
+                    lock = None
+        finally:
+            if lock is not None:
+                lock.release()
+            flow.close()
+
+    def _async_lock(self) -> asyncio.Lock:
+        # An asyncio.Lock belongs to one event loop; a client per loop gets its own.
+        loop = asyncio.get_running_loop()
+        with self._async_locks_guard:
+            lock = self._async_locks.get(loop)
+            if lock is None:
+                lock = self._async_locks[loop] = asyncio.Lock()
+            return lock
+
+    def _raise_unreachable(self, step: _Send, cause: BaseException | None) -> None:
+        if step.token_request and isinstance(cause, httpx.TransportError):
+            detail = str(cause) or "no detail"
+            raise ServerUnreachableError(
+                f"cannot reach the token endpoint {self._source.htu}: {type(cause).__name__} "
+                f"({detail}); check the token URL and that the authorization server is up "
+                "(timeouts are the httpx client's timeout= setting)"
+            ) from cause
+
+    # -- protocol logic: plain generators, no I/O -------------------------------------------
+
+    def _request_flow(self, request: httpx.Request) -> _Flow[None]:
+        token = yield from self._token(None)
+        nonce = self._nonces.get(request.url)
+        nonce_retried = renewed = False
+        # Each retry spends a flag that forbids its own kind, so the third send is the last.
+        for _ in range(3):
+            prepared = self._proofs.prepare(
+                request.method, request.url, access_token=token.value, nonce=nonce
+            )
+            signature = yield _Sign(self._signer, prepared.signing_input.encode("ascii"))
+            request.headers["Authorization"] = f"{token.scheme} {token.value}"
+            request.headers["DPoP"] = self._proofs.finish(prepared, signature)
+            response: httpx.Response = yield _Send(request, token_request=False)
+            self._observe(request.url, response)
+            status = response.status_code
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "%s %s -> %d (jti=%s, jkt=%s)",
+                    request.method, normalize_htu(request.url), status, prepared.jti, self.jkt,
+                )  # fmt: skip
+            if status != 401:
+                return
+            error = _dpop_challenge_error(response.headers)
+            where = f"{request.method} {normalize_htu(request.url)}"
+            if error == "use_dpop_nonce":
+                if nonce_retried:
+                    raise UseDPoPNonceError(
+                        f"{where} demanded a new DPoP nonce again right after one was sent; "
+                        "giving up instead of looping (check the server's nonce handling; "
+                        f"{self._skew_note()})"
+                    )
+                nonce = self._demanded_nonce(response, nonce, where)
+                _require_rewindable(request, where, "use_dpop_nonce", UseDPoPNonceError)
+                nonce_retried = True
+                logger.info("%s demanded a DPoP nonce; retrying once", where)
+            elif error == "invalid_token":
+                if renewed:
+                    raise OAuthError(
+                        f"{where} rejected a freshly issued token too (401 invalid_token); "
+                        "check that the token's audience/resource and scope fit this API and "
+                        f"that the API trusts the authorization server {self._source.htu}"
+                    )
+                _require_rewindable(request, where, "invalid_token", OAuthError)
+                renewed = True
+                logger.info("%s answered 401 invalid_token; renewing the token once", where)
+                token = yield from self._token(token)
+                nonce = self._nonces.get(request.url)
+            else:
+                if error == "invalid_dpop_proof":
+                    logger.warning(
+                        "%s rejected the DPoP proof (jti=%s, jkt=%s; %s)",
+                        where, prepared.jti, self.jkt, self._skew_note(),
+                    )  # fmt: skip
+                return
+
+    def _token(self, rejected: AccessToken | None) -> _Flow[AccessToken]:
+        token = self._fresh(rejected)
+        if token is not None:
+            return token
+        yield _Lock.ACQUIRE
+        # Whoever held the lock before us may have fetched a token already: single flight.
+        token = self._fresh(rejected)
+        if token is None:
+            token = yield from self._fetch_token()
+        yield _Lock.RELEASE
+        return token
+
+    def _fresh(self, rejected: AccessToken | None) -> AccessToken | None:
+        cached = self._cached
+        if cached is None or cached.token is rejected:
+            return None
+        if cached.renew_at is not None and self._clock() >= cached.renew_at:
+            return None
+        return cached.token
+
+    def _fetch_token(self) -> _Flow[AccessToken]:
+        where = f"token endpoint {self._source.htu}"
+        nonce = self._nonces.get(self._source.htu)
+        response = yield from self._token_attempt(nonce)
+        try:
+            return self._accept(response)
+        except TokenEndpointError as exc:
+            if exc.error != "use_dpop_nonce":
+                raise self._with_skew(exc) from exc
+            nonce = self._demanded_nonce(response, nonce, where)
+        logger.info("%s demanded a DPoP nonce; retrying once", where)
+        response = yield from self._token_attempt(nonce)
+        try:
+            return self._accept(response)
+        except TokenEndpointError as exc:
+            if exc.error == "use_dpop_nonce":
+                raise UseDPoPNonceError(
+                    f"{where} demanded a new DPoP nonce again right after one was sent; "
+                    "giving up instead of looping (check the server's nonce handling; "
+                    f"{self._skew_note()})"
+                ) from exc
+            raise self._with_skew(exc) from exc
+
+    def _token_attempt(self, nonce: str | None) -> _Flow[httpx.Response]:
+        source = self._source
+        prepared = self._proofs.prepare("POST", source.htu, nonce=nonce)
+        signature = yield _Sign(self._signer, prepared.signing_input.encode("ascii"))
+        assertion = None
+        if source.assertion_signer is not None:
+            # A fresh assertion (new jti) per attempt: servers refuse a replayed one.
+            unsigned = source.assertion_signing_input(self._clock() + self._proofs.clock_offset)
+            assertion_signature = yield _Sign(source.assertion_signer, unsigned.encode("ascii"))
+            assertion = source.finish_assertion(unsigned, assertion_signature)
+        request = source.build_request(
+            proof=self._proofs.finish(prepared, signature), client_assertion=assertion
+        )
+        self._token_requests += 1
+        response: httpx.Response = yield _Send(request, token_request=True)
+        self._observe(request.url, response)
+        logger.info(
+            "token request %d to %s -> %d (jti=%s, jkt=%s)",
+            self._token_requests, source.htu, response.status_code, prepared.jti, self.jkt,
+        )  # fmt: skip
+        return response
+
+    def _accept(self, response: httpx.Response) -> AccessToken:
+        now = self._clock()
+        token = self._source.parse(response, now=now)
+        renew_at = None
+        if token.expires_at is not None:
+            lifetime = token.expires_at - now
+            renew_at = token.expires_at - min(self._leeway, lifetime / 2)
+        self._cached = _Cached(token, renew_at)
+        logger.info(
+            "got a %s token (expires in %s, scope %r, jkt=%s)",
+            token.token_type,
+            "unknown" if token.expires_at is None else f"{token.expires_at - now:.0f} s",
+            token.scope, self.jkt,
+        )  # fmt: skip
+        return token
+
+    def _observe(self, url: httpx.URL, response: httpx.Response) -> None:
+        headers = response.headers
+        self._nonces.learn(url, headers)
+        date = headers.get("date")
+        if date is not None and date != self._last_date and "age" not in headers:
+            # A cached response (Age) carries an old Date: it says nothing about the clock.
+            self._last_date = date
+            self._learn_skew(url, date)
+
+    def _learn_skew(self, url: httpx.URL, date: str) -> None:
+        try:
+            server = parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return
+        # Date is truncated to the second: the server's clock is on average half a second on.
+        skew = server + 0.5 - self._clock()
+        self._skew = skew
+        offset = skew if abs(skew) >= _MIN_SKEW else 0.0
+        if abs(offset - self._proofs.clock_offset) >= 1.0:
+            logger.info(
+                "clock offset to %s from its Date header: %+.1f s; using it for DPoP iat",
+                normalize_htu(url), offset,
+            )  # fmt: skip
+        self._proofs.clock_offset = offset
+
+    def _skew_note(self) -> str:
+        if self._skew is None:
+            return "no Date header seen, so iat uses the local clock"
+        return (
+            f"clock offset to the server from its Date header: {self._skew:+.0f} s, "
+            f"applied to iat: {self._proofs.clock_offset:+.0f} s"
+        )
+
+    def _with_skew(self, exc: TokenEndpointError) -> TokenEndpointError:
+        if exc.error != "invalid_dpop_proof":
+            return exc
+        return TokenEndpointError(
+            f"{exc.message}; {self._skew_note()}",
+            error=exc.error,
+            error_description=exc.error_description,
+            status=exc.status,
+        )
+
+    def _demanded_nonce(self, response: httpx.Response, sent: str | None, where: str) -> str:
+        nonce: str | None = response.headers.get("dpop-nonce")
+        if nonce is None:
+            raise UseDPoPNonceError(
+                f"{where} demanded a DPoP nonce (use_dpop_nonce) but sent no DPoP-Nonce header "
+                "(RFC 9449 §8, §9); the server is misconfigured"
+            )
+        if not is_nonce(nonce):
+            raise UseDPoPNonceError(
+                f"{where} demanded a DPoP nonce but its DPoP-Nonce header is not a valid nonce "
+                "(RFC 9449 §8.1: 1*NQCHAR)"
+            )
+        if nonce == sent:
+            raise UseDPoPNonceError(
+                f"{where} rejected the DPoP nonce it had issued and sent the same one again; "
+                f"giving up instead of looping (a proof outside the server's time window is "
+                f"one cause: {self._skew_note()})"
+            )
+        return nonce
+
+
+def _dpop_challenge_error(headers: httpx.Headers) -> str | None:
+    """The ``error`` of a ``DPoP`` challenge in ``WWW-Authenticate`` (RFC 9449 §7.1), or None."""
+    for value in headers.get_list("www-authenticate"):
+        for scheme, params in _challenges(value):
+            if scheme == "dpop":
+                return params.get("error")
+    return None
+
+
+def _challenges(value: str) -> list[tuple[str, dict[str, str]]]:
+    """Parse RFC 9110 §11.6.1 challenges: ``scheme [token68 | #auth-param]`` separated by ``,``.
+
+    Tolerant by design: anything unparseable ends the current challenge, never raises.
+    Scheme names come back lower-cased (they are case-insensitive, RFC 9110 §11.1).
+    """
+    result: list[tuple[str, dict[str, str]]] = []
+    i, n = 0, len(value)
+    params: dict[str, str] = {}
+    while i < n:
+        while i < n and value[i] in " \t,":
+            i += 1
+        start = i
+        while i < n and value[i] not in " \t,=":
+            i += 1
+        word = value[start:i]
+        j = i
+        while j < n and value[j] in " \t":
+            j += 1
+        if not word:
+            i = j + 1
+            continue
+        if j < n and value[j] == "=" and result:
+            # name=value inside the current challenge
+            j += 1
+            while j < n and value[j] in " \t":
+                j += 1
+            if j < n and value[j] == '"':
+                j += 1
+                chars: list[str] = []
+                while j < n and value[j] != '"':
+                    if value[j] == "\\" and j + 1 < n:
+                        j += 1
+                    chars.append(value[j])
+                    j += 1
+                params[word.lower()] = "".join(chars)
+                i = j + 1
+            else:
+                start = j
+                while j < n and value[j] not in " \t,":
+                    j += 1
+                params[word.lower()] = value[start:j]
+                i = j
+            continue
+        # a new challenge (or a token68 after a scheme, which carries no error param)
+        if i < n and value[i] == "=":
+            while i < n and value[i] == "=":
+                i += 1
+            continue
+        params = {}
+        result.append((word.lower(), params))
+        i = j
+    return result
+
+
+def _require_rewindable(
+    request: httpx.Request, where: str, error: str, kind: type[OAuthError]
+) -> None:
+    if _rewindable(request.stream):
+        return
+    raise kind(
+        f"{where} answered 401 {error} and needs the request once more, but its body is a "
+        "one-shot stream that was already sent and is not re-sent silently; pass the body as "
+        "bytes (content=...) or call request.read() before sending"
+    )
+
+
+def _rewindable(stream: object) -> bool:
+    if isinstance(stream, httpx.ByteStream):
+        return True
+    # httpx re-renders multipart bodies from the start each time (it seeks file objects back),
+    # which works when every file is in memory or seekable.
+    fields = getattr(stream, "fields", None)
+    if type(stream).__name__ != "MultipartStream" or not isinstance(fields, list):
+        return False
+    for field in fields:
+        file = getattr(field, "file", None)
+        if file is None or isinstance(file, bytes | str):
+            continue
+        seekable = getattr(file, "seekable", None)
+        if not (callable(seekable) and seekable()):
+            return False
+    return True

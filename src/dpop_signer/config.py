@@ -1,0 +1,491 @@
+"""One validated `Settings` object from options, environment, a TOML file and defaults.
+
+The CLI and the local service both describe a deployment the same way: which key signs
+(``key``, ``pin``), which authorization server issues tokens (``token_url``, ``client_id``,
+``client_secret``, ``scope``, ...), and how the service listens. `load_settings` merges four
+layers, highest first::
+
+    option (--token-url)  >  environment (DPOP_TOKEN_URL)  >  --config FILE (token_url)  >  default
+
+and validates the result with pydantic. Every value remembers where it came from, so an error
+says ``token_url from DPOP_TOKEN_URL: ...`` instead of leaving the user to guess which layer
+holds the bad value.
+
+The config file is TOML with top-level keys named after the long options (``token-url`` and
+``token_url`` are the same key); an unknown key is an error that names it::
+
+    key = "pkcs11:token=prod;object=dpop-es256"
+    token_url = "https://as.example/oauth2/token"
+    client_id = "billing-batch"
+    client_secret_file = "/run/secrets/dpop-client-secret"
+    scope = "invoices:read"
+
+Secrets (``pin``, ``client_secret``) have a second, file form (``pin_file``,
+``client_secret_file``, or ``DPOP_PIN_FILE``/``DPOP_CLIENT_SECRET_FILE``) so that they need
+never appear in a process list or a shell history. Within one layer the value and its file form
+are mutually exclusive. `Settings` holds them as `pydantic.SecretStr`, so a repr or a log line of
+the settings never shows them.
+
+`build_signer` and `build_auth` turn settings into the library's objects; the CLI and the
+service call them rather than wiring `load_signer` and `DPoPAuth` by hand.
+
+>>> settings = load_settings({"key": "dev-key.pem", "token_url": "http://127.0.0.1:8080/token",
+...                           "client_id": "demo-client"}, env={})
+>>> settings.source_of("token_url")
+'--token-url'
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from dpop_signer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dpop_signer.auth import DPoPAuth
+    from dpop_signer.signers.base import Signer
+
+__all__ = [
+    "CLIENT_AUTH_METHODS",
+    "ENV_PREFIX",
+    "SECRET_FIELDS",
+    "Settings",
+    "build_auth",
+    "build_signer",
+    "env_name",
+    "load_settings",
+    "option_name",
+    "pin_for",
+    "read_secret_file",
+]
+
+ENV_PREFIX = "DPOP_"
+"""Environment variables are ``DPOP_`` + the field name in upper case (``DPOP_TOKEN_URL``)."""
+
+ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+CLIENT_AUTH_METHODS: tuple[str, ...] = (
+    "client_secret_basic",
+    "client_secret_post",
+    "private_key_jwt",
+    "none",
+)
+"""Token endpoint client authentication methods (RFC 6749 §2.3.1, RFC 7523 §2.2)."""
+
+SECRET_FIELDS: tuple[str, ...] = ("pin", "client_secret")
+"""Fields that are secrets: each also has a ``<name>_file`` form and is never echoed."""
+
+# Fields whose values are lists; in the environment they are separated by white space.
+_LIST_FIELDS = frozenset({"resource", "allow_origin"})
+
+
+class Settings(BaseModel):
+    """Everything needed to sign proofs, fetch tokens and run the service.
+
+    All fields are optional here; a command asks for the ones it needs with `require`, so that
+    ``dpop jwk`` does not insist on a token URL.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # The key.
+    key: str | None = Field(
+        default=None,
+        description="PEM private key path or RFC 7512 pkcs11: URI of the ES256 key",
+    )
+    pin: SecretStr | None = Field(
+        default=None, description="token PIN (PKCS#11) or passphrase (encrypted PEM)"
+    )
+    assertion_key: str | None = Field(
+        default=None,
+        description="key for private_key_jwt client assertions (default: the DPoP key)",
+    )
+
+    # The authorization server and the client registration.
+    token_url: str | None = Field(default=None, description="token endpoint URL")
+    client_id: str | None = Field(default=None, description="OAuth client_id")
+    client_secret: SecretStr | None = Field(default=None, description="OAuth client secret")
+    scope: str | None = Field(default=None, description="space-separated scopes to request")
+    client_auth: ClientAuth | None = Field(
+        default=None,
+        description="client authentication (default: client_secret_basic with a secret, else none)",
+    )
+    resource: list[str] = Field(
+        default_factory=list, description="RFC 8707 resource indicators (repeatable)"
+    )
+    audience: str | None = Field(
+        default=None, description="audience parameter, if the AS wants one"
+    )
+    accept_bearer: bool = Field(
+        default=False,
+        description="accept a Bearer token when the AS does not bind it (unsafe; default off)",
+    )
+    leeway: float = Field(
+        default=30.0, ge=0, description="renew tokens this many seconds before expiry"
+    )
+    timeout: float = Field(default=10.0, gt=0, description="HTTP timeout in seconds")
+
+    # The local service (dpop serve / dpop proxy).
+    listen: str | None = Field(
+        default=None, description="service address: 127.0.0.1:PORT or unix:PATH"
+    )
+    api_key_file: Path | None = Field(default=None, description="file holding the service API key")
+    allow_origin: list[str] = Field(
+        default_factory=list, description="origins the service signs for (repeatable)"
+    )
+    allow_remote: bool = Field(default=False, description="let the service listen beyond loopback")
+    upstream: str | None = Field(default=None, description="URL the proxy forwards to")
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("token_url", "upstream")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an absolute http:// or https:// URL")
+        if parts.fragment:
+            raise ValueError(f"{value!r} has a fragment; remove the '#...' part")
+        return value
+
+    @field_validator("key", "client_id", "scope", "audience", "assertion_key")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty")
+        return value
+
+    @field_validator("resource", "allow_origin", mode="before")
+    @classmethod
+    def _listify(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.split()
+        return value
+
+    def source_of(self, name: str) -> str:
+        """Where the value of field ``name`` came from: an option, a variable, a file or default."""
+        return self._sources.get(name, "default")
+
+    def require(self, *names: str) -> None:
+        """Raise `ConfigError` naming every field in ``names`` that has no value.
+
+        The message lists all three ways to give each missing value, so one run tells the user
+        everything that is missing.
+        """
+        missing = [name for name in names if getattr(self, name) in (None, [])]
+        if not missing:
+            return
+        hints = "; ".join(
+            f"{name}: give {option_name(name)}, set {env_name(name)} or put {name} in --config"
+            for name in missing
+        )
+        raise ConfigError(f"missing setting{'s' if len(missing) > 1 else ''}: {hints}")
+
+    def secret(self, name: str) -> str | None:
+        """The plain value of secret field ``name`` (``pin`` or ``client_secret``)."""
+        value = getattr(self, name)
+        return value.get_secret_value() if isinstance(value, SecretStr) else None
+
+    @property
+    def effective_client_auth(self) -> str:
+        """The client authentication method, defaulted from whether a secret is configured."""
+        if self.client_auth is not None:
+            return self.client_auth
+        return "client_secret_basic" if self.client_secret is not None else "none"
+
+    def with_values(self, source: str, **values: object) -> Settings:
+        """A copy with ``values`` set (validated) and recorded as coming from ``source``.
+
+        Used for values that arrive late, such as a PIN typed at a prompt.
+        """
+        data = self.model_dump()
+        data.update(values)
+        sources = dict(self._sources)
+        sources.update(dict.fromkeys(values, source))
+        return _validate(data, sources)
+
+
+def option_name(field: str) -> str:
+    """The long option for ``field``: ``token_url`` -> ``--token-url``."""
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    """The environment variable for ``field``: ``token_url`` -> ``DPOP_TOKEN_URL``."""
+    return ENV_PREFIX + field.upper()
+
+
+def _field_names() -> tuple[str, ...]:
+    return tuple(Settings.model_fields)
+
+
+def _file_fields() -> dict[str, str]:
+    return {f"{name}_file": name for name in SECRET_FIELDS}
+
+
+def load_settings(
+    options: Mapping[str, object] | None = None,
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    option_label: Callable[[str], str] = option_name,
+) -> Settings:
+    """Merge options, environment, a TOML file and defaults into validated `Settings`.
+
+    Args:
+        options: values given on the command line, by field name; ``None`` values are
+            "not given". Secret file forms are accepted as ``pin_file`` / ``client_secret_file``.
+        config_file: a TOML file; when ``None``, ``DPOP_CONFIG`` in ``env`` names one.
+        env: the environment to read (default `os.environ`).
+        option_label: how an option is named in error messages (``--token-url``).
+
+    Raises:
+        ConfigError: a value is invalid, a file is unreadable, a key is unknown; the message
+            names the field and the layer it came from.
+    """
+    environ = os.environ if env is None else env
+    # Lowest layer first; each later layer overrides the earlier ones per field.
+    layers: list[tuple[dict[str, object], dict[str, str]]] = []
+    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = environ[ENV_PREFIX + "CONFIG"]
+    if config_file is not None:
+        layers.append(_file_layer(Path(config_file)))
+    layers.append(_env_layer(environ))
+    layers.append(_options_layer(options or {}, option_label))
+
+    merged: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for values, where in layers:
+        for name, value in values.items():
+            merged[name] = value
+            sources[name] = where[name]
+    return _validate(merged, sources)
+
+
+def _validate(data: dict[str, object], sources: dict[str, str]) -> Settings:
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources)) from None
+    settings._sources.update(sources)
+    return settings
+
+
+def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
+    # Built from pydantic's message only, never its input_value: the value may be a secret.
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        where = sources.get(field, "default")
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "literal_error":
+            message = f"must be one of {', '.join(CLIENT_AUTH_METHODS)}"
+        problems.append(f"{field} from {where}: {message}")
+    return "; ".join(problems)
+
+
+def _options_layer(
+    options: Mapping[str, object], label: Callable[[str], str]
+) -> tuple[dict[str, object], dict[str, str]]:
+    values: dict[str, object] = {}
+    where: dict[str, str] = {}
+    for name, value in options.items():
+        if value is None or value == () or value == []:
+            continue
+        values[name] = list(value) if isinstance(value, tuple) else value
+        where[name] = label(name)
+    return _resolve_secret_files(values, where)
+
+
+def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, object], dict[str, str]]:
+    values: dict[str, object] = {}
+    where: dict[str, str] = {}
+    for name in (*_field_names(), *_file_fields()):
+        var = env_name(name)
+        raw = environ.get(var)
+        # An empty variable is "unset": `DPOP_PIN= dpop ...` must not mean "the empty PIN".
+        if raw is None or raw == "":
+            continue
+        values[name] = raw
+        where[name] = var
+    return _resolve_secret_files(values, where)
+
+
+def _file_layer(path: Path) -> tuple[dict[str, object], dict[str, str]]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    known = set(_field_names()) | set(_file_fields())
+    values: dict[str, object] = {}
+    where: dict[str, str] = {}
+    unknown = []
+    for raw_key, value in data.items():
+        name = raw_key.replace("-", "_")
+        if name not in known:
+            unknown.append(raw_key)
+            continue
+        if name in values:
+            raise ConfigError(
+                f"config file {str(path)!r} sets {name} twice (as '-' and '_' spellings)"
+            )
+        if name in SECRET_FIELDS and not isinstance(value, str):
+            raise ConfigError(f"{name} from {path}: must be a string")
+        values[name] = value
+        where[name] = f"{path} ({raw_key})"
+    if unknown:
+        raise ConfigError(
+            f"config file {str(path)!r}: unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(k) for k in unknown)}; known keys are "
+            f"{', '.join(sorted(known))}"
+        )
+    # A relative secret file in a config file is relative to that file, not to the cwd.
+    for file_field in _file_fields():
+        if isinstance(values.get(file_field), str):
+            target = Path(str(values[file_field])).expanduser()
+            values[file_field] = str(target if target.is_absolute() else path.parent / target)
+    return _resolve_secret_files(values, where)
+
+
+def _resolve_secret_files(
+    values: dict[str, object], where: dict[str, str]
+) -> tuple[dict[str, object], dict[str, str]]:
+    """Replace ``pin_file`` / ``client_secret_file`` by the secret they hold, within one layer."""
+    for file_field, secret_field in _file_fields().items():
+        if file_field not in values:
+            continue
+        file_where = where.pop(file_field)
+        file_value = values.pop(file_field)
+        if secret_field in values:
+            raise ConfigError(
+                f"{secret_field} is given twice, by {where[secret_field]} and by {file_where}; "
+                "keep one"
+            )
+        if not isinstance(file_value, str | os.PathLike):
+            raise ConfigError(f"{file_field} from {file_where}: must be a file path")
+        values[secret_field] = read_secret_file(file_value, what=f"{file_field} from {file_where}")
+        where[secret_field] = file_where
+    return values, where
+
+
+def read_secret_file(path: str | os.PathLike[str], *, what: str) -> str:
+    """Read a secret from a file, dropping one trailing newline (as ``echo`` writes it).
+
+    Raises:
+        ConfigError: the file is missing, unreadable or empty; the message names ``what``
+            and the path, never the content.
+    """
+    where = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: file {where!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{what}: file {where!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: file {where!r} is not UTF-8 text") from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ConfigError(f"{what}: file {where!r} is empty")
+    return secret
+
+
+def build_signer(settings: Settings) -> Signer:
+    """Open the signer that ``settings.key`` names, with ``settings.pin``.
+
+    Raises:
+        ConfigError: no key is configured.
+        SignerError: the key cannot be opened (see `dpop_signer.signers.load_signer`).
+    """
+    from dpop_signer.signers import load_signer
+
+    settings.require("key")
+    assert settings.key is not None  # for mypy: require() checked it
+    return load_signer(settings.key, pin=pin_for(settings, settings.key))
+
+
+def pin_for(settings: Settings, ref: str) -> str | None:
+    """The PIN to pass to `load_signer` / `generate_key` for key ``ref``."""
+    # DESIGN: a pin-value / pin-source in the URI beats DPOP_PIN, while --pin beats the URI.
+    # load_signer applies "argument > URI > DPOP_PIN", so a PIN that came from the
+    # environment is held back when the URI brings its own.
+    from dpop_signer.signers import is_pkcs11_ref
+
+    pin = settings.secret("pin")
+    if pin is None or not settings.source_of("pin").startswith(ENV_PREFIX):
+        return pin
+    if is_pkcs11_ref(ref):
+        from dpop_signer.signers.pkcs11_uri import parse_pkcs11_uri
+
+        uri = parse_pkcs11_uri(ref)
+        if uri.pin_value is not None or uri.pin_source is not None:
+            return None
+    return pin
+
+
+def build_auth(settings: Settings, signer: Signer, **overrides: Any) -> DPoPAuth:
+    """Build the `DPoPAuth` that ``settings`` describe, signing with ``signer``.
+
+    ``overrides`` are passed to `DPoPAuth` as they are (``nonces=``, ``clock=``), for callers
+    such as the service that share a nonce cache.
+
+    Raises:
+        ConfigError: ``token_url`` or ``client_id`` is missing, or the client authentication
+            method needs a secret that is not configured.
+    """
+    from dpop_signer.auth import DPoPAuth
+
+    settings.require("token_url", "client_id")
+    method = settings.effective_client_auth
+    if method in ("client_secret_basic", "client_secret_post") and settings.client_secret is None:
+        raise ConfigError(
+            f"client_auth {method} (from {settings.source_of('client_auth')}) needs a client "
+            "secret: set DPOP_CLIENT_SECRET or DPOP_CLIENT_SECRET_FILE, or give "
+            "--client-secret-file"
+        )
+    assertion_signer: Signer | None = None
+    if method == "private_key_jwt":
+        if settings.assertion_key is not None and settings.assertion_key != settings.key:
+            from dpop_signer.signers import load_signer
+
+            assertion_signer = load_signer(
+                settings.assertion_key, pin=pin_for(settings, settings.assertion_key)
+            )
+        else:
+            assertion_signer = signer
+    kwargs: dict[str, Any] = {
+        "token_url": settings.token_url,
+        "client_id": settings.client_id,
+        "client_secret": settings.secret("client_secret"),
+        "scope": settings.scope,
+        "client_auth": method,
+        "assertion_signer": assertion_signer,
+        "resource": list(settings.resource) or None,
+        "audience": settings.audience,
+        "leeway": settings.leeway,
+        "accept_bearer": settings.accept_bearer,
+    }
+    kwargs.update(overrides)
+    return DPoPAuth(signer, **kwargs)

@@ -1,0 +1,431 @@
+"""``dpop doctor``: walk a configuration step by step and say what is wrong and how to fix it.
+
+Each step prints one line, ``✓ step: what was found`` or ``✗ step: what is wrong; fix: ...``;
+a step that depends on a failed one is shown as skipped rather than failing for the same
+reason twice. The key steps stop at the first failure, and a wrong PIN in particular is tried
+exactly once: real tokens lock after a few wrong PINs.
+
+The key itself is opened by the normal backend (`dpop_signer.signers.load_signer`), so doctor
+checks what ``dpop request`` will really do; only the steps before login (module, token,
+mechanisms) look at the PKCS#11 module directly, because the backend does them all at once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from dpop_signer.errors import (
+    DPoPSignerError,
+    KeyNotFoundError,
+    OAuthError,
+    PinError,
+    ServerUnreachableError,
+    SignerUnavailableError,
+    UnsupportedKeyError,
+)
+
+if TYPE_CHECKING:
+    import httpx
+
+    from dpop_signer.config import Settings
+    from dpop_signer.signers.base import Signer
+
+__all__ = ["Doctor", "run_doctor"]
+
+OK = "✓"
+FAIL = "✗"
+SKIP = "-"
+
+
+@dataclass
+class Doctor:
+    """Collects step results and prints them as they come."""
+
+    out: IO[str]
+    failures: int = 0
+    results: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def ok(self, step: str, detail: str) -> None:
+        """Record a passed step."""
+        self._emit(OK, step, detail)
+
+    def fail(self, step: str, detail: str, fix: str | None = None) -> None:
+        """Record a failed step, with the fix when the detail does not already say it."""
+        self.failures += 1
+        self._emit(FAIL, step, f"{detail}; fix: {fix}" if fix else detail)
+
+    def skip(self, step: str, why: str) -> None:
+        """Record a step that could not run."""
+        self._emit(SKIP, step, f"skipped ({why})")
+
+    def _emit(self, mark: str, step: str, detail: str) -> None:
+        self.results.append((mark, step, detail))
+        print(f"{mark} {step}: {' '.join(detail.split())}", file=self.out, flush=True)
+
+
+def run_doctor(settings: Settings, *, out: IO[str]) -> bool:
+    """Run every step for ``settings``, print one line each, return True when all passed."""
+    doc = Doctor(out)
+    signer = _key_steps(doc, settings)
+    try:
+        _server_steps(doc, settings, signer)
+    finally:
+        close = getattr(signer, "close", None)
+        if callable(close):
+            close()
+    return doc.failures == 0
+
+
+# --- the key -------------------------------------------------------------------------------
+
+
+def _key_steps(doc: Doctor, settings: Settings) -> Signer | None:
+    from dpop_signer.signers import is_pkcs11_ref
+
+    if settings.key is None:
+        doc.fail(
+            "key configured",
+            "no key",
+            "give --key, set DPOP_KEY or put key in --config (a PEM path or a pkcs11: URI)",
+        )
+        return None
+    if is_pkcs11_ref(settings.key):
+        signer = _pkcs11_steps(doc, settings)
+    else:
+        signer = _pem_steps(doc, settings)
+    if signer is not None:
+        _sign_and_verify(doc, signer, settings)
+    return signer
+
+
+def _open(settings: Settings) -> Signer:
+    from dpop_signer.config import build_signer
+
+    return build_signer(settings)
+
+
+def _pem_steps(doc: Doctor, settings: Settings) -> Signer | None:
+    steps = ["key file readable", "passphrase", "EC P-256"]
+    try:
+        signer = _open(settings)
+    except SignerUnavailableError as exc:
+        return _fail_chain(doc, steps, 0, str(exc))
+    except PinError as exc:
+        doc.ok(steps[0], str(settings.key))
+        return _fail_chain(doc, steps, 1, str(exc))
+    except UnsupportedKeyError as exc:
+        doc.ok(steps[0], str(settings.key))
+        return _fail_chain(doc, steps, 2, str(exc))
+    except DPoPSignerError as exc:
+        return _fail_chain(doc, steps, 0, str(exc))
+    doc.ok(steps[0], str(settings.key))
+    doc.ok(steps[1], "given" if settings.pin is not None else "not needed (key not encrypted)")
+    doc.ok(steps[2], "private key on secp256r1")
+    return signer
+
+
+def _fail_chain(doc: Doctor, steps: list[str], index: int, message: str) -> Signer | None:
+    doc.fail(steps[index], message)
+    for step in steps[index + 1 :]:
+        doc.skip(step, f"needs '{steps[index]}'")
+    return None
+
+
+
+def _pkcs11_steps(doc: Doctor, settings: Settings) -> Signer | None:
+    from dpop_signer.signers.pkcs11_uri import parse_pkcs11_uri, resolve_module
+
+    steps = [
+        "module loads",
+        "token present",
+        "login",
+        "key found",
+        "EC P-256",
+        "CKM_ECDSA offered",
+    ]
+    assert settings.key is not None
+    try:
+        uri = parse_pkcs11_uri(settings.key)
+        module_path = resolve_module(uri)
+    except DPoPSignerError as exc:
+        return _fail_chain(doc, steps, 0, str(exc))
+
+    from dpop_signer.signers.pkcs11 import pkcs11_module
+
+    try:
+        module = pkcs11_module(module_path)
+    except DPoPSignerError as exc:
+        return _fail_chain(doc, steps, 0, str(exc))
+    doc.ok(steps[0], module_path)
+
+    try:
+        # Through the backend's module object: every call into one module must run on its
+        # worker thread (DESIGN.md), and a second C_Initialize would fail.
+        token = module.call(module.find_token, uri)
+    except DPoPSignerError as exc:
+        return _fail_chain(
+            doc, steps, 1, f"{exc}; fix: correct token= / serial= or initialise the token"
+        )
+
+    def mechanisms_of() -> set[Any]:
+        return set(token.slot.get_mechanisms())
+
+    mechanisms: set[Any] | None
+    try:
+        mechanisms = module.call(mechanisms_of)
+    except Exception:  # python-pkcs11 errors carry no message; the step says "not listed"
+        mechanisms = None
+    doc.ok(steps[1], f"{token.label!r} ({token.manufacturer_id} {token.model})")
+
+    from pkcs11 import Mechanism
+
+    if mechanisms is not None and Mechanism.ECDSA not in mechanisms:
+        # Fail here, before login: without CKM_ECDSA the key cannot sign for ES256 anyway.
+        for step in steps[2:5]:
+            doc.skip(step, "the token cannot sign ES256")
+        doc.fail(
+            steps[5],
+            "the token does not offer CKM_ECDSA",
+            "use a token or HSM firmware that supports raw ECDSA on P-256",
+        )
+        return None
+
+    try:
+        signer = _open(settings)
+    except PinError as exc:
+        # Never retried: the message says which PIN source was used and how to fix it.
+        doc.fail(steps[2], str(exc))
+        for step in steps[3:5]:
+            doc.skip(step, "needs 'login'")
+        _mechanism_line(doc, steps[5], mechanisms)
+        return None
+    except KeyNotFoundError as exc:
+        doc.ok(steps[2], _pin_detail(settings))
+        doc.fail(steps[3], str(exc))
+        doc.skip(steps[4], "needs 'key found'")
+        _mechanism_line(doc, steps[5], mechanisms)
+        return None
+    except UnsupportedKeyError as exc:
+        doc.ok(steps[2], _pin_detail(settings))
+        doc.ok(steps[3], uri.key_description)
+        doc.fail(steps[4], str(exc))
+        _mechanism_line(doc, steps[5], mechanisms)
+        return None
+    except DPoPSignerError as exc:
+        doc.fail(steps[2], str(exc))
+        for step in steps[3:5]:
+            doc.skip(step, "needs 'login'")
+        _mechanism_line(doc, steps[5], mechanisms)
+        return None
+    doc.ok(steps[2], _pin_detail(settings))
+    doc.ok(steps[3], uri.key_description)
+    doc.ok(steps[4], "private key on secp256r1")
+    _mechanism_line(doc, steps[5], mechanisms)
+    return signer
+
+
+def _mechanism_line(doc: Doctor, step: str, mechanisms: set[Any] | None) -> None:
+    if mechanisms is None:
+        doc.skip(step, "the module did not list its mechanisms")
+    else:
+        doc.ok(step, "the token signs with raw ECDSA (SHA-256 is computed on the host)")
+
+
+def _pin_detail(settings: Settings) -> str:
+    if settings.pin is None:
+        return "PIN from the URI or not needed"
+    return f"PIN accepted (from {settings.source_of('pin')})"
+
+
+def _sign_and_verify(doc: Doctor, signer: Signer, settings: Settings) -> None:
+    from dpop_signer.jwk import jwk_thumbprint
+    from dpop_signer.proof import DPoPProofBuilder
+    from dpop_signer.verify import verify_proof
+
+    htu = settings.token_url or "https://doctor.invalid/token"
+    try:
+        builder = DPoPProofBuilder(signer)
+        proof = builder.build("POST", htu)
+        verify_proof(proof, htm="POST", htu=htu, jkt=jwk_thumbprint(signer.public_jwk))
+    except DPoPSignerError as exc:
+        doc.fail("sign and verify", str(exc))
+        return
+    doc.ok("sign and verify", f"a DPoP proof verifies with the key (jkt {builder.jkt})")
+
+
+# --- the authorization server ----------------------------------------------------------------
+
+
+def _server_steps(doc: Doctor, settings: Settings, signer: Signer | None) -> None:
+    import httpx
+
+    steps = ["token endpoint reachable", "discovery advertises ES256", "DPoP token issued"]
+    if settings.token_url is None:
+        for step in steps:
+            doc.skip(step, "no token_url: give --token-url or set DPOP_TOKEN_URL")
+        return
+    with httpx.Client(timeout=settings.timeout, follow_redirects=False) as client:
+        if not _reachable(doc, client, settings.token_url):
+            for step in steps[1:]:
+                doc.skip(step, "needs 'token endpoint reachable'")
+            return
+        _discovery(doc, client, settings.token_url)
+        if signer is None:
+            doc.skip(steps[2], "needs a working key")
+            return
+        if settings.client_id is None:
+            doc.skip(steps[2], "no client_id: give --client-id or set DPOP_CLIENT_ID")
+            return
+        _token(doc, client, settings, signer)
+
+
+def _reachable(doc: Doctor, client: httpx.Client, token_url: str) -> bool:
+    import httpx
+
+    step = "token endpoint reachable"
+    try:
+        response = client.get(token_url)
+    except httpx.TimeoutException:
+        doc.fail(step, f"{token_url} timed out", "check the URL, proxies and firewalls")
+        return False
+    except httpx.HTTPError as exc:
+        doc.fail(
+            step,
+            f"{token_url}: {exc or type(exc).__name__}",
+            "check the URL and that the server is running",
+        )
+        return False
+    doc.ok(step, f"{token_url} answered GET with HTTP {response.status_code}")
+    return True
+
+
+def _well_known_urls(token_url: str) -> list[str]:
+    parts = urlsplit(token_url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    # RFC 8414 §3 (OAuth) first, then OpenID Connect Discovery 1.0 §4.
+    return [
+        f"{origin}/.well-known/oauth-authorization-server",
+        f"{origin}/.well-known/openid-configuration",
+    ]
+
+
+def _discovery(doc: Doctor, client: httpx.Client, token_url: str) -> None:
+    import httpx
+
+    step = "discovery advertises ES256"
+    for url in _well_known_urls(token_url):
+        try:
+            response = client.get(url)
+        except httpx.HTTPError:
+            continue
+        if response.status_code != 200:
+            continue
+        try:
+            metadata = response.json()
+        except ValueError:
+            continue
+        if not isinstance(metadata, dict):
+            continue
+        algs = metadata.get("dpop_signing_alg_values_supported")
+        if isinstance(algs, list) and "ES256" in algs:
+            doc.ok(step, f"dpop_signing_alg_values_supported lists ES256 ({url})")
+        elif algs is None:
+            doc.fail(
+                step,
+                f"{url} has no dpop_signing_alg_values_supported (RFC 9449 §5.1)",
+                "enable DPoP on the authorization server",
+            )
+        else:
+            doc.fail(
+                step,
+                f"{url} lists dpop_signing_alg_values_supported {algs}, without ES256",
+                "allow ES256 for DPoP proofs on the authorization server",
+            )
+        return
+    doc.skip(step, "the server publishes no discovery document")
+
+
+def _token(doc: Doctor, client: httpx.Client, settings: Settings, signer: Signer) -> None:
+    from dpop_signer.config import build_auth
+    from dpop_signer.jwk import jwk_thumbprint
+
+    step = "DPoP token issued"
+    try:
+        auth = build_auth(settings, signer)
+        token = auth.get_token(client)
+    except ServerUnreachableError as exc:
+        doc.fail(step, str(exc))
+        return
+    except OAuthError as exc:
+        doc.fail(step, str(exc), _token_fix(exc))
+        return
+    except DPoPSignerError as exc:
+        doc.fail(step, str(exc))
+        return
+    if token.token_type.lower() != "dpop":
+        doc.fail(
+            step,
+            f"token_type is {token.token_type!r}, not DPoP (accepted because of accept_bearer)",
+            "enable DPoP-bound tokens for this client on the authorization server",
+        )
+        return
+    lifetime = (
+        f", expires in {token.expires_at - _now():.0f} s" if token.expires_at is not None else ""
+    )
+    doc.ok(step, f"token_type DPoP{lifetime}")
+    claims = _jwt_claims(token.value)
+    jkt_step = "token bound to this key"
+    if claims is None:
+        doc.skip(jkt_step, "the access token is opaque, so cnf.jkt cannot be read")
+        return
+    cnf = claims.get("cnf")
+    bound = cnf.get("jkt") if isinstance(cnf, dict) else None
+    ours = jwk_thumbprint(signer.public_jwk)
+    if bound == ours:
+        doc.ok(jkt_step, f"cnf.jkt equals our thumbprint {ours}")
+    elif bound is None:
+        doc.fail(
+            jkt_step,
+            "the JWT access token has no cnf.jkt (RFC 9449 §6.1)",
+            "configure the authorization server to bind tokens to DPoP keys",
+        )
+    else:
+        doc.fail(
+            jkt_step,
+            f"cnf.jkt is {bound}, our key's thumbprint is {ours}",
+            "the server bound the token to another key; check the key the server saw",
+        )
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def _token_fix(exc: OAuthError) -> str | None:
+    error = getattr(exc, "error", None)
+    fixes: dict[str, str] = {
+        "invalid_client": "check client_id and the client secret (DPOP_CLIENT_SECRET[_FILE]) "
+        "and client_auth",
+        "unauthorized_client": "allow the client_credentials grant for this client",
+        "invalid_scope": "request a scope the client is allowed (--scope)",
+        "invalid_dpop_proof": "check the clock (iat) and that the AS accepts ES256",
+    }
+    return fixes.get(error) if isinstance(error, str) else None
+
+
+def _jwt_claims(value: str) -> dict[str, Any] | None:
+    from dpop_signer.jwk import b64url_decode
+
+    parts = value.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(b64url_decode(parts[1]))
+    except ValueError:
+        return None
+    return claims if isinstance(claims, dict) else None

@@ -1,0 +1,535 @@
+"""``dpop serve``: the ASGI application that lends the key to local programs.
+
+Endpoints (the OpenAPI 3.1 document at ``GET /openapi.json`` is generated from the pydantic
+models below):
+
+- ``GET /healthz``: liveness and whether the key is reachable (503 while it is not);
+- ``GET /v1/jwk``: the public JWK and its RFC 7638 thumbprint (``jkt``);
+- ``POST /v1/proof``: a DPoP proof (RFC 9449 §4) for ``htm``/``htu``, optionally bound to an
+  access token (``ath``, §4.2) and carrying a server nonce (§8, §9);
+- ``POST /v1/headers``: ``Authorization: DPoP <token>`` and ``DPoP: <proof>`` for one request,
+  with a client_credentials token that the service fetches, caches and renews;
+- ``GET /metrics``: Prometheus text.
+
+No endpoint signs caller-chosen bytes: the signing input is always a proof this module builds.
+``/v1`` requests need ``Authorization: Bearer <api key>`` when the service has API keys; with
+``allowed_origins`` set, proofs are made only for those origins (403 otherwise). Bodies are
+JSON, at most ``max_body`` bytes (413 beyond), and every proof leaves one audit line (time,
+caller, ``htm``, ``htu``, ``jti``) and nothing secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from dpop_signer.errors import DPoPSignerError
+from dpop_signer.jwk import jwk_thumbprint
+from dpop_signer.proof import normalize_htu, origin_of
+from dpop_signer.service.http import (
+    ApiError,
+    RequestLogMiddleware,
+    caller_of,
+    claims_of,
+    error_for,
+    error_response,
+)
+from dpop_signer.service.logs import log_event
+from dpop_signer.service.metrics import CONTENT_TYPE, Metrics
+from dpop_signer.service.security import ApiKeys
+from dpop_signer.service.signer import ServiceSigner
+
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "ErrorResponse",
+    "HeadersRequest",
+    "HeadersResponse",
+    "HealthResponse",
+    "JwkResponse",
+    "ProofRequest",
+    "ProofResponse",
+    "ServiceState",
+    "create_signer_app",
+    "openapi_document",
+]
+
+DEFAULT_MAX_BODY = 64 * 1024
+"""Largest accepted request body: room for a large JWT access token, nothing more."""
+
+# RFC 9110 §5.6.2 token: what an HTTP method may be.
+_METHOD = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+# RFC 6750 §2.1 b64token / RFC 7235 token68: what a DPoP access token may be.
+_TOKEN68 = r"^[A-Za-z0-9\-._~+/]+=*$"
+# RFC 9449 §8.1: nonce = 1*NQCHAR.
+_NQCHAR = r"^[\x21\x23-\x5B\x5D-\x7E]+$"
+
+
+def _http_url(value: str) -> str:
+    # ProofError is a ValueError: pydantic reports its one-line message as a 422.
+    normalize_htu(value)
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ProofRequest(_Strict):
+    """What a DPoP proof is made for."""
+
+    htm: str = Field(
+        max_length=32,
+        pattern=_METHOD,
+        description="HTTP method of the request the proof goes with, e.g. GET",
+        examples=["GET"],
+    )
+    htu: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="URL of that request; query and fragment are dropped (RFC 9449 §4.2)",
+        examples=["https://api.example/v1/things"],
+    )
+    access_token: str | None = Field(
+        default=None,
+        max_length=16384,
+        pattern=_TOKEN68,
+        description="DPoP-bound access token to hash into ath (RFC 9449 §4.2)",
+    )
+    nonce: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=_NQCHAR,
+        description="the server's DPoP-Nonce, when it demanded one (RFC 9449 §8, §9)",
+    )
+
+    @field_validator("htu")
+    @classmethod
+    def _check_htu(cls, value: str) -> str:
+        return _http_url(value)
+
+
+class HeadersRequest(_Strict):
+    """The request for which the service supplies Authorization and DPoP headers."""
+
+    htm: str = Field(max_length=32, pattern=_METHOD, examples=["GET"])
+    htu: str = Field(min_length=1, max_length=4096, examples=["https://api.example/v1/things"])
+    nonce: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=_NQCHAR,
+        description="a DPoP-Nonce the resource server sent; remembered for its origin",
+    )
+
+    @field_validator("htu")
+    @classmethod
+    def _check_htu(cls, value: str) -> str:
+        return _http_url(value)
+
+
+class ProofResponse(BaseModel):
+    """A compact-serialized DPoP proof JWT."""
+
+    proof: str
+
+
+class HeadersResponse(BaseModel):
+    """Headers to add to the request: ``Authorization`` and ``DPoP``."""
+
+    headers: dict[str, str]
+
+
+class PublicJwk(BaseModel):
+    """An EC P-256 public key (RFC 7518 §6.2.1), no private member."""
+
+    kty: Literal["EC"]
+    crv: Literal["P-256"]
+    x: str
+    y: str
+
+
+class JwkResponse(BaseModel):
+    """The service key's public JWK and RFC 7638 thumbprint."""
+
+    jwk: PublicJwk
+    jkt: str
+
+
+class HealthResponse(BaseModel):
+    """Whether the service runs and its key is reachable."""
+
+    status: Literal["ok", "unavailable"]
+    signer: Literal["available", "unavailable"]
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer."""
+
+    error: str = Field(description="machine-readable code, e.g. unauthorized, origin_not_allowed")
+    message: str = Field(description="one line saying what is wrong and how to fix it")
+
+
+@dataclass
+class ServiceState:
+    """Everything the endpoints use; built once by `dpop_signer.service.commands`.
+
+    Attributes:
+        signer: the key (recovers from HSM outages).
+        proofs: builds the proofs of ``/v1/proof`` (a `DPoPProofBuilder` on ``signer``).
+        auth: the `DPoPAuth` for ``/v1/headers``; None when no token endpoint is configured.
+        api_keys: keys a ``/v1`` caller must present; None when none are required.
+        allowed_origins: origins proofs may be made for; empty means any.
+        max_body: largest request body in bytes.
+        metrics: counters shown at ``/metrics``.
+        http: the long-lived client for the token endpoint, opened at startup.
+        make_client: builds ``http``; tests may swap transports through it.
+    """
+
+    signer: ServiceSigner
+    proofs: Any
+    auth: Any = None
+    api_keys: ApiKeys | None = None
+    allowed_origins: frozenset[str] = frozenset()
+    max_body: int = DEFAULT_MAX_BODY
+    metrics: Metrics = field(default_factory=Metrics)
+    http: httpx.AsyncClient | None = None
+    make_client: Callable[[], httpx.AsyncClient] | None = None
+
+
+class _Handlers:
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+        self.jkt = jwk_thumbprint(state.signer.public_jwk)
+
+    # -- checks shared by the /v1 endpoints --------------------------------------------------
+
+    def _authenticate(self, request: Request) -> int | None:
+        keys = self.state.api_keys
+        if keys is None:
+            return None
+        number = keys.match(request.headers.get("authorization"))
+        if number is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing or wrong API key; send 'Authorization: Bearer <key from the API key "
+                "file>'",
+                {"WWW-Authenticate": 'Bearer realm="dpop-signer"'},
+            )
+        return number
+
+    async def _read_json(self, request: Request, model: type[_Strict]) -> Any:
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            # Also keeps browsers out: a cross-site form or text/plain POST is not JSON.
+            raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+        limit = self.state.max_body
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise ApiError(413, "body_too_large", f"the request body exceeds {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "body_too_large", f"the request body exceeds {limit} bytes")
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, "invalid_json", "the request body is not valid JSON") from exc
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: "
+                f"{e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors(include_url=False, include_input=False, include_context=False)
+            )
+            raise ApiError(422, "invalid_request", problems) from None
+
+    def _check_origin(self, htu: str) -> None:
+        allowed = self.state.allowed_origins
+        if not allowed:
+            return
+        origin = origin_of(htu)
+        if origin not in allowed:
+            raise ApiError(
+                403,
+                "origin_not_allowed",
+                f"this service makes proofs only for {', '.join(sorted(allowed))}, "
+                f"not for {origin}",
+            )
+
+    def _audit(self, request: Request, key: int | None, endpoint: str, proof: str) -> None:
+        claims = claims_of(proof)
+        log_event(
+            "proof",
+            caller=caller_of(request),
+            api_key=key,
+            endpoint=endpoint,
+            htm=claims.get("htm"),
+            htu=claims.get("htu"),
+            jti=claims.get("jti"),
+            jkt=self.jkt,
+        )
+        self.state.metrics.proofs[endpoint] += 1
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        available = self.state.signer.available
+        body = HealthResponse(
+            status="ok" if available else "unavailable",
+            signer="available" if available else "unavailable",
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if available else 503)
+
+    async def jwk(self, request: Request) -> Response:
+        self._authenticate(request)
+        return JSONResponse({"jwk": dict(self.state.signer.public_jwk), "jkt": self.jkt})
+
+    async def proof(self, request: Request) -> Response:
+        key = self._authenticate(request)
+        body: ProofRequest = await self._read_json(request, ProofRequest)
+        self._check_origin(body.htu)
+        proof = await self.state.proofs.build_async(
+            body.htm, body.htu, access_token=body.access_token, nonce=body.nonce
+        )
+        self._audit(request, key, "proof", proof)
+        return JSONResponse({"proof": proof})
+
+    async def headers(self, request: Request) -> Response:
+        key = self._authenticate(request)
+        auth = self.state.auth
+        if auth is None or self.state.http is None:
+            raise ApiError(
+                404,
+                "not_configured",
+                "this service has no token endpoint; start it with --token-url and --client-id "
+                "to use /v1/headers",
+            )
+        body: HeadersRequest = await self._read_json(request, HeadersRequest)
+        self._check_origin(body.htu)
+        if body.nonce is not None:
+            auth.nonces.remember(body.htu, body.nonce)
+        headers: dict[str, str] = await auth.aheaders(self.state.http, body.htm, body.htu)
+        self._audit(request, key, "headers", headers.get("DPoP", ""))
+        return JSONResponse({"headers": headers})
+
+    async def metrics(self, request: Request) -> Response:
+        return PlainTextResponse(self.state.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+
+def _guard(
+    handler: Callable[[Request], Awaitable[Response]], metrics: Metrics
+) -> Callable[[Request], Awaitable[Response]]:
+    """Turn `ApiError` and library errors into JSON answers; nothing escapes as a bare 500."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc, metrics)
+        except DPoPSignerError as exc:
+            error = error_for(exc)
+            log_event(
+                "error",
+                logging.WARNING,
+                path=request.url.path,
+                kind=error.code,
+                error=exc.message,
+            )
+            return error_response(error, metrics)
+
+    return endpoint
+
+
+def create_signer_app(state: ServiceState) -> Starlette:
+    """The ``dpop serve`` application for ``state``."""
+    handlers = _Handlers(state)
+    metrics = state.metrics
+
+    def route(path: str, handler: Callable[[Request], Awaitable[Response]], method: str) -> Route:
+        return Route(path, _guard(handler, metrics), methods=[method], include_in_schema=False)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if state.auth is not None and state.http is None and state.make_client is not None:
+            state.http = state.make_client()
+        try:
+            yield
+        finally:
+            if state.http is not None:
+                await state.http.aclose()
+            state.signer.close()
+            log_event("stopped")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # exc.headers carries Allow on a 405 (RFC 9110 §15.5.6).
+        error = ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return error_response(error, metrics)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log_event(
+            "internal_error", logging.ERROR, path=request.url.path, exception=type(exc).__name__
+        )
+        return error_response(
+            ApiError(500, "internal_error", "unexpected error; see the service log"), metrics
+        )
+
+    app = Starlette(
+        routes=[
+            route("/healthz", handlers.healthz, "GET"),
+            route("/v1/jwk", handlers.jwk, "GET"),
+            route("/v1/proof", handlers.proof, "POST"),
+            route("/v1/headers", handlers.headers, "POST"),
+            route("/metrics", handlers.metrics, "GET"),
+            route("/openapi.json", handlers.openapi, "GET"),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestLogMiddleware)
+    return app
+
+
+# -- OpenAPI ------------------------------------------------------------------------------------
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+_ERRORS = {
+    "400": "the body is not JSON",
+    "401": "missing or wrong API key",
+    "403": "htu is outside the allowed origins",
+    "413": "the body is too large",
+    "415": "the body is not application/json",
+    "422": "the body does not match the schema",
+    "503": "the HSM or key is unavailable; retry after Retry-After seconds",
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {code: _json(ErrorResponse, _ERRORS[code]) for code in codes}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document, with schemas generated from the pydantic models."""
+    models: list[type[BaseModel]] = [
+        ProofRequest,
+        ProofResponse,
+        HeadersRequest,
+        HeadersResponse,
+        JwkResponse,
+        HealthResponse,
+        ErrorResponse,
+    ]
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    secured: list[dict[str, list[str]]] = [{"apiKey": []}]
+    v1_post_errors = _errors("400", "401", "403", "413", "415", "422", "503")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "dpop-signer service",
+            "version": "1",
+            "description": "Mints RFC 9449 DPoP proofs with a key held in an HSM. "
+            "No endpoint signs arbitrary bytes.",
+        },
+        "paths": {
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "responses": {
+                        "200": _json(HealthResponse, "running, key reachable"),
+                        "503": _json(HealthResponse, "running, key unreachable"),
+                    },
+                }
+            },
+            "/v1/jwk": {
+                "get": {
+                    "operationId": "getJwk",
+                    "security": secured,
+                    "responses": {
+                        "200": _json(JwkResponse, "the public key"),
+                        **_errors("401"),
+                    },
+                }
+            },
+            "/v1/proof": {
+                "post": {
+                    "operationId": "createProof",
+                    "security": secured,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref(ProofRequest)}},
+                    },
+                    "responses": {"200": _json(ProofResponse, "a DPoP proof"), **v1_post_errors},
+                }
+            },
+            "/v1/headers": {
+                "post": {
+                    "operationId": "createHeaders",
+                    "security": secured,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref(HeadersRequest)}},
+                    },
+                    "responses": {
+                        "200": _json(HeadersResponse, "Authorization and DPoP headers"),
+                        **v1_post_errors,
+                        "404": _json(ErrorResponse, "no token endpoint configured"),
+                        "502": _json(ErrorResponse, "the authorization server refused"),
+                        "504": _json(ErrorResponse, "the authorization server is unreachable"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition format 0.0.4",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a key from the service's --api-key-file",
+                }
+            },
+        },
+    }

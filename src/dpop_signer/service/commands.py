@@ -1,0 +1,285 @@
+"""The click commands ``dpop serve`` and ``dpop proxy`` (registered lazily by `dpop_signer.cli`).
+
+They stay thin: settings come from `dpop_signer.cli_options` (options, ``DPOP_*`` variables,
+``--config``), objects from `dpop_signer.config` (`build_signer`, `build_auth`); this module
+only adds the service's own safety rules and hands everything to the ASGI applications.
+
+The safety rules, checked before anything listens:
+
+- TCP listens on loopback only, unless ``--allow-remote``;
+- TCP needs ``--api-key-file``: any local process, and any web page through DNS rebinding, can
+  reach a loopback port. ``--allow-unauthenticated`` waives that on loopback TCP only (never
+  with ``--allow-remote``). A unix socket (mode 0600) is protected by file permissions and
+  needs no key, though it checks one if given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from dpop_signer.cli_options import (
+    client_options,
+    key_options,
+    prompt_for_secrets,
+    settings_from_context,
+)
+from dpop_signer.config import Settings, build_auth, build_signer
+from dpop_signer.errors import ConfigError
+
+__all__ = ["proxy", "serve"]
+
+DEFAULT_LISTEN = "127.0.0.1:8787"
+DEFAULT_PROXY_LISTEN = "127.0.0.1:8788"
+
+_listen_option = click.option(
+    "--listen",
+    metavar="ADDR",
+    help="127.0.0.1:PORT, [::1]:PORT or unix:PATH (port 0 picks a free port). [env: DPOP_LISTEN]",
+)
+_api_key_option = click.option(
+    "--api-key-file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="File with the API key(s) callers must present, one per line. [env: DPOP_API_KEY_FILE]",
+)
+_remote_option = click.option(
+    "--allow-remote",
+    is_flag=True,
+    default=None,
+    help="Allow a non-loopback TCP address (requires --api-key-file). [env: DPOP_ALLOW_REMOTE]",
+)
+_unauthenticated_option = click.option(
+    "--allow-unauthenticated",
+    is_flag=True,
+    default=False,
+    help="Serve loopback TCP without an API key: every local process may then use the key.",
+)
+_log_level_option = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Log level (JSON lines on stderr).",
+)
+
+
+def _prepare(
+    ctx: click.Context, default_listen: str, allow_unauthenticated: bool, log_level: str
+) -> tuple[Settings, Any, Any, Any]:
+    from dpop_signer.service.logs import configure_logging
+    from dpop_signer.service.security import ApiKeys, parse_listen
+
+    settings = prompt_for_secrets(settings_from_context(ctx), need_client_secret=True)
+    listen = parse_listen(settings.listen or default_listen)
+    if not listen.is_loopback and not settings.allow_remote:
+        raise ConfigError(
+            f"--listen {listen.describe()} is not a loopback address; give --allow-remote (with "
+            "--api-key-file, and TLS in front) if other machines really must reach the key"
+        )
+    api_keys = ApiKeys.from_file(settings.api_key_file) if settings.api_key_file else None
+    if api_keys is None and not listen.is_unix:
+        if settings.allow_remote or not listen.is_loopback:
+            raise ConfigError("--allow-remote needs --api-key-file")
+        if not allow_unauthenticated:
+            raise ConfigError(
+                f"listening on TCP {listen.describe()} needs --api-key-file (every local "
+                "process can reach a loopback port); use --listen unix:PATH, or give "
+                "--allow-unauthenticated to accept that risk"
+            )
+    configure_logging(log_level)
+    return settings, listen, api_keys, settings.allow_remote
+
+
+def _token_counter(settings: Settings, metrics: Any) -> Callable[[Any], Any]:
+    import httpx
+
+    token_url = httpx.URL(settings.token_url) if settings.token_url else None
+
+    async def count(response: httpx.Response) -> None:
+        url = response.request.url
+        if token_url is not None and (url.scheme, url.host, url.port, url.path) == (
+            token_url.scheme,
+            token_url.host,
+            token_url.port,
+            token_url.path,
+        ):
+            metrics.token_requests[str(response.status_code)] += 1
+
+    return count
+
+
+@click.command()
+@_listen_option
+@_api_key_option
+@click.option(
+    "--allow-origin",
+    metavar="ORIGIN",
+    multiple=True,
+    help="Make proofs only for this origin (https://api.example); repeatable. "
+    "[env: DPOP_ALLOW_ORIGIN]",
+)
+@_remote_option
+@_unauthenticated_option
+@_log_level_option
+@key_options
+@client_options
+@click.pass_context
+def serve(ctx: click.Context, /, allow_unauthenticated: bool, log_level: str, **_: object) -> None:
+    """Serve DPoP proofs and headers over HTTP to local programs.
+
+    The key and the PIN stay in this process; callers get proofs (POST /v1/proof), the public
+    key (GET /v1/jwk) and, with --token-url and --client-id, ready-made Authorization and DPoP
+    headers (POST /v1/headers). No endpoint signs arbitrary bytes. TCP needs an API key file;
+    a unix socket is created mode 0600. Stops cleanly on SIGTERM.
+
+    \b
+    Examples:
+      dpop serve --listen unix:/run/dpop/dpop.sock --key 'pkcs11:token=prod;object=dpop'
+      dpop serve --listen 127.0.0.1:8787 --api-key-file /etc/dpop/api-key \\
+          --token-url https://as.example/token --client-id svc \\
+          --allow-origin https://api.example
+    """  # noqa: D301 - click's \b keeps the examples unwrapped
+    import httpx
+
+    from dpop_signer.proof import DPoPProofBuilder
+    from dpop_signer.service.app import ServiceState, create_signer_app
+    from dpop_signer.service.metrics import Metrics
+    from dpop_signer.service.runner import serve_app
+    from dpop_signer.service.security import bind_listener, parse_origins
+    from dpop_signer.service.signer import ServiceSigner
+
+    settings, listen, api_keys, _remote = _prepare(
+        ctx, DEFAULT_LISTEN, allow_unauthenticated, log_level
+    )
+    origins = parse_origins(settings.allow_origin)
+    metrics = Metrics()
+    auth = None
+    if settings.token_url is not None or settings.client_id is not None:
+        settings.require("token_url", "client_id")
+    signer = ServiceSigner(lambda: build_signer(settings), metrics=metrics)
+    try:
+        if settings.token_url is not None:
+            auth = build_auth(settings, signer)
+        hook = _token_counter(settings, metrics)
+        state = ServiceState(
+            signer=signer,
+            proofs=DPoPProofBuilder(signer),
+            auth=auth,
+            api_keys=api_keys,
+            allowed_origins=origins,
+            metrics=metrics,
+            make_client=lambda: httpx.AsyncClient(
+                timeout=settings.timeout, event_hooks={"response": [hook]}
+            ),
+        )
+        sock = bind_listener(listen)
+    except BaseException:
+        signer.close()
+        raise
+    started = serve_app(
+        create_signer_app(state),
+        listen,
+        sock,
+        mode="serve",
+        jkt=state.proofs.jkt,
+        api_key=api_keys is not None,
+        allowed_origins=sorted(origins),
+        token_endpoint=settings.token_url is not None,
+    )
+    if not started:
+        raise click.ClickException("the service failed to start; see the log lines above")
+
+
+@click.command()
+@click.option(
+    "--upstream",
+    metavar="URL",
+    help="Base URL every request is forwarded to, e.g. https://api.example. [env: DPOP_UPSTREAM]",
+)
+@_listen_option
+@_api_key_option
+@_remote_option
+@_unauthenticated_option
+@click.option(
+    "--replay-limit",
+    metavar="BYTES",
+    type=click.IntRange(min=0),
+    default=8 * 1024 * 1024,
+    show_default=True,
+    help="Request bodies up to this size are kept so a nonce demand or token renewal can "
+    "resend them; larger ones stream without a retry.",
+)
+@_log_level_option
+@key_options
+@client_options
+@click.pass_context
+def proxy(
+    ctx: click.Context,
+    /,
+    allow_unauthenticated: bool,
+    replay_limit: int,
+    log_level: str,
+    **_: object,
+) -> None:
+    """Forward requests to --upstream with a DPoP-bound token and a fresh proof.
+
+    curl http://127.0.0.1:PORT/path reaches UPSTREAM/path with Authorization: DPoP and DPoP
+    headers added; nonce demands and token renewal are handled here. Bodies stream both ways.
+    With --api-key-file, callers send Proxy-Authorization: Bearer <key>.
+
+    \b
+    Example:
+      dpop proxy --upstream https://api.example --listen 127.0.0.1:8788 \\
+          --api-key-file /etc/dpop/api-key --token-url https://as.example/token \\
+          --client-id svc
+    """  # noqa: D301 - click's \b keeps the examples unwrapped
+    import httpx
+
+    from dpop_signer.service.metrics import Metrics
+    from dpop_signer.service.proxy import ProxyState, create_proxy_app
+    from dpop_signer.service.runner import serve_app
+    from dpop_signer.service.security import bind_listener
+    from dpop_signer.service.signer import ServiceSigner
+
+    settings, listen, api_keys, _remote = _prepare(
+        ctx, DEFAULT_PROXY_LISTEN, allow_unauthenticated, log_level
+    )
+    settings.require("upstream", "token_url", "client_id")
+    assert settings.upstream is not None  # for mypy: require() checked it
+    upstream = httpx.URL(settings.upstream)
+    metrics = Metrics()
+    signer = ServiceSigner(lambda: build_signer(settings), metrics=metrics)
+    try:
+        auth = build_auth(settings, signer)
+        hook = _token_counter(settings, metrics)
+        state = ProxyState(
+            upstream=upstream,
+            make_client=lambda: httpx.AsyncClient(
+                auth=auth,
+                timeout=settings.timeout,
+                follow_redirects=False,
+                event_hooks={"response": [hook]},
+            ),
+            api_keys=api_keys,
+            replay_limit=replay_limit,
+            metrics=metrics,
+            signer=signer,
+        )
+        sock = bind_listener(listen)
+    except BaseException:
+        signer.close()
+        raise
+    started = serve_app(
+        create_proxy_app(state),
+        listen,
+        sock,
+        mode="proxy",
+        # Never the whole URL: user info or a query may carry credentials.
+        upstream=f"{upstream.scheme}://{upstream.netloc.decode('ascii')}{upstream.path}",
+        api_key=api_keys is not None,
+    )
+    if not started:
+        raise click.ClickException("the proxy failed to start; see the log lines above")

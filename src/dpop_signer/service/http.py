@@ -1,0 +1,147 @@
+"""HTTP plumbing shared by ``dpop serve`` and ``dpop proxy``: errors, caller checks, request log.
+
+Every error answer is JSON ``{"error": CODE, "message": TEXT}`` (the message is one line from
+`dpop_signer.errors` or fixed text, never a secret) and is counted by kind in the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dpop_signer.errors import (
+    DPoPSignerError,
+    InvalidTokenResponseError,
+    OAuthError,
+    PinError,
+    ProofError,
+    ServerUnreachableError,
+    SignerError,
+    TokenEndpointError,
+    UseDPoPNonceError,
+)
+from dpop_signer.jwk import b64url_decode
+from dpop_signer.service.logs import log_event
+from dpop_signer.service.metrics import Metrics
+
+__all__ = [
+    "ApiError",
+    "RequestLogMiddleware",
+    "caller_of",
+    "claims_of",
+    "error_for",
+    "error_response",
+]
+
+RETRY_AFTER_SECONDS = "1"
+
+
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, machine-readable ``code``, one-line ``message``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_for(exc: DPoPSignerError) -> ApiError:
+    """Map a library error to the HTTP answer the caller should see."""
+    if isinstance(exc, PinError):
+        return ApiError(
+            503,
+            "signer_pin_refused",
+            f"{exc.message}; the service will not retry a PIN, restart it with the right one",
+        )
+    if isinstance(exc, SignerError):
+        return ApiError(
+            503,
+            "signer_unavailable",
+            f"the HSM or key is unavailable: {exc.message}",
+            {"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    if isinstance(exc, ProofError):
+        return ApiError(422, "invalid_request", exc.message)
+    if isinstance(exc, ServerUnreachableError):
+        return ApiError(504, "authorization_server_unreachable", exc.message)
+    if isinstance(exc, TokenEndpointError | InvalidTokenResponseError | UseDPoPNonceError):
+        return ApiError(502, "token_endpoint_error", exc.message)
+    if isinstance(exc, OAuthError):
+        return ApiError(502, "upstream_error", exc.message)
+    return ApiError(500, "internal_error", exc.message)
+
+
+def error_response(error: ApiError, metrics: Metrics) -> JSONResponse:
+    """The JSON answer for ``error``; counts it by kind."""
+    metrics.errors[error.code] += 1
+    return JSONResponse(
+        {"error": error.code, "message": error.message},
+        status_code=error.status,
+        headers=error.headers,
+    )
+
+
+def claims_of(proof: str) -> dict[str, Any]:
+    """The claims of a proof this package built (for the audit line; no verification)."""
+    try:
+        claims = json.loads(b64url_decode(proof.split(".")[1]))
+    except (ValueError, IndexError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def caller_of(request: Request) -> str:
+    """``host:port`` of a TCP caller, ``unix`` for a unix socket caller."""
+    client = request.client
+    if client is None or not client.host:
+        return "unix"
+    return f"{client.host}:{client.port}"
+
+
+class RequestLogMiddleware:
+    """One ``request`` line per answered request: method, path (no query), status, time.
+
+    Successful answers are logged at debug level (the audit line already records every proof);
+    errors at info, so an operator sees refused callers without raising the level.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on and log its outcome."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            fields: dict[str, Any] = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+            }
+            client = scope.get("client")
+            fields["caller"] = f"{client[0]}:{client[1]}" if client and client[0] else "unix"
+            level = logging.DEBUG if 0 < status < 400 else logging.INFO
+            log_event("request", level, **fields)

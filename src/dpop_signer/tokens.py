@@ -1,0 +1,448 @@
+"""The OAuth 2.0 client_credentials grant (RFC 6749 §4.4) with a DPoP proof on every request.
+
+`ClientCredentialsTokenSource` knows how to ask for a token and how to read the answer; it does
+no I/O itself. `dpop_signer.DPoPAuth` sends what it builds through the application's own httpx
+client, caches the `AccessToken` and renews it.
+
+Client authentication (RFC 6749 §2.3, RFC 7523, OpenID Connect Core §9):
+
+- ``client_secret_basic``: HTTP Basic with the client id and secret each form-urlencoded first
+  (RFC 6749 §2.3.1; a secret with ``:`` or ``%`` in it breaks servers otherwise).
+- ``client_secret_post``: ``client_id`` and ``client_secret`` in the form body.
+- ``private_key_jwt``: an RFC 7523 assertion signed with ES256 by a `Signer` (the DPoP key or
+  another one; both may live in the HSM). A fresh assertion, with a fresh ``jti``, goes with
+  every attempt, the nonce retry included, since servers reject a replayed ``jti``.
+- ``none``: a public client; only ``client_id`` is sent.
+
+Responses are read as RFC 6749 §5.1 (success) or §5.2 (error). A token whose ``token_type``
+is not ``DPoP`` (compared case-insensitively) is refused unless ``accept_bearer=True``: a
+server that silently downgrades to Bearer would otherwise turn a sender-constrained deployment
+into a bearer one without anybody noticing. Error messages carry status codes, content types
+and the server's ``error`` code, never the response body, a token or a secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+from urllib.parse import quote_plus, urlencode
+
+import httpx
+
+from dpop_signer.errors import (
+    ConfigError,
+    InvalidTokenResponseError,
+    ProofError,
+    ServerUnreachableError,
+    TokenEndpointError,
+)
+from dpop_signer.proof import compact_jws, default_jti, normalize_htu
+from dpop_signer.signers.base import Signer
+
+__all__ = [
+    "CLIENT_ASSERTION_TYPE",
+    "AccessToken",
+    "ClientAuth",
+    "ClientCredentialsTokenSource",
+]
+
+logger = logging.getLogger("dpop_signer")
+
+ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+"""Client authentication methods, named as in the OAuth registry (RFC 7591 §2)."""
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+"""RFC 7523 §2.2 ``client_assertion_type``."""
+
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 9110 §11.2
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+# What to do about the common RFC 6749 §5.2 error codes, for one-line messages that help.
+_HINTS = {
+    "invalid_client": "check the client id, the client secret or key, and the client "
+    "authentication method (client_auth) registered at the server",
+    "unauthorized_client": "the client is not allowed to use the client_credentials grant; "
+    "enable it for this client at the authorization server",
+    "invalid_scope": "ask for a scope the client is allowed (--scope)",
+    "invalid_target": "ask for a resource or audience the client is allowed (RFC 8707)",
+    "unsupported_grant_type": "enable the client_credentials grant at the authorization server",
+    "invalid_dpop_proof": "the server rejected the DPoP proof; check the clocks and that the "
+    "server accepts ES256",
+    "use_dpop_nonce": "the server demands a DPoP nonce (RFC 9449 §8)",
+}
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """An access token from a token endpoint (RFC 6749 §5.1).
+
+    ``value`` and ``raw`` stay out of ``repr`` (and so out of logs and tracebacks).
+    """
+
+    value: str = field(repr=False)
+    """The access token itself; send it only with its DPoP proof."""
+    token_type: str
+    """As the server spelled it (``DPoP``, ``dpop``, ``Bearer`` if accepted)."""
+    expires_at: float | None
+    """Seconds since the epoch (client clock) when it expires; None if the server said not."""
+    scope: str | None = None
+    """The granted scope if the server named it (RFC 6749 §5.1)."""
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+    """The whole JSON response (it holds the token too: never log it)."""
+
+    @property
+    def is_dpop(self) -> bool:
+        """True when the token is DPoP-bound (``token_type`` ``DPoP``, any case; RFC 9449 §5)."""
+        return self.token_type.lower() == "dpop"
+
+    @property
+    def scheme(self) -> str:
+        """The ``Authorization`` scheme to send it with: ``DPoP`` or ``Bearer`` (RFC 9449 §7.1)."""
+        return "DPoP" if self.is_dpop else "Bearer"
+
+    def expires_in(self, now: float) -> float | None:
+        """Seconds left at ``now`` (negative once expired), or None when unknown."""
+        return None if self.expires_at is None else self.expires_at - now
+
+
+class ClientCredentialsTokenSource:
+    """Builds client_credentials token requests and parses their responses; no I/O.
+
+    Args:
+        token_url: The token endpoint (absolute http or https URL).
+        client_id: The OAuth client id.
+        client_secret: Required for ``client_secret_basic`` and ``client_secret_post``; refused
+            for the other methods.
+        client_auth: How the client authenticates (see the module docstring).
+        assertion_signer: Signs the ``private_key_jwt`` assertion (required for it).
+        scope: Space-separated scopes to ask for.
+        resource: One or more RFC 8707 resource indicators (each an absolute URI).
+        audience: An ``audience`` parameter, for servers that use it instead of ``resource``.
+        accept_bearer: Accept ``token_type: Bearer``. Off by default: a DPoP client that gets
+            a bearer token has been downgraded.
+        assertion_lifetime: Seconds a ``private_key_jwt`` assertion is valid (``exp - iat``).
+
+    Raises:
+        ConfigError: a missing or contradictory setting.
+    """
+
+    def __init__(
+        self,
+        token_url: str,
+        client_id: str,
+        *,
+        client_secret: str | None = None,
+        client_auth: ClientAuth = "client_secret_basic",
+        assertion_signer: Signer | None = None,
+        scope: str | None = None,
+        resource: str | Sequence[str] | None = None,
+        audience: str | None = None,
+        accept_bearer: bool = False,
+        assertion_lifetime: float = 60.0,
+    ) -> None:
+        if client_auth not in get_args(ClientAuth):
+            raise ConfigError(
+                f"client_auth {client_auth!r} is not one of " + ", ".join(get_args(ClientAuth))
+            )
+        try:
+            self._htu = normalize_htu(token_url)
+        except ProofError as exc:
+            raise ConfigError(f"token URL is unusable: {exc}") from exc
+        if not isinstance(client_id, str) or not client_id:
+            raise ConfigError("client_id is missing; give the OAuth client id (--client-id)")
+        needs_secret = client_auth in ("client_secret_basic", "client_secret_post")
+        if needs_secret and not client_secret:
+            raise ConfigError(
+                f"client_auth {client_auth} needs a client secret (--client-secret or "
+                "DPOP_CLIENT_SECRET)"
+            )
+        if not needs_secret and client_secret is not None:
+            raise ConfigError(
+                f"a client secret was given but client_auth is {client_auth}, which does not "
+                "use one; drop the secret or choose client_secret_basic/client_secret_post"
+            )
+        if client_auth == "private_key_jwt" and assertion_signer is None:
+            raise ConfigError("client_auth private_key_jwt needs an assertion_signer")
+        if client_auth != "private_key_jwt" and assertion_signer is not None:
+            raise ConfigError(
+                f"an assertion_signer was given but client_auth is {client_auth}; "
+                "use client_auth='private_key_jwt'"
+            )
+        resources = [resource] if isinstance(resource, str) else list(resource or ())
+        for item in resources:
+            if not isinstance(item, str) or "://" not in item or "#" in item:
+                raise ConfigError(
+                    f"resource {item!r} is not an absolute URI without a fragment (RFC 8707 §2)"
+                )
+        if not (assertion_lifetime > 0 and math.isfinite(assertion_lifetime)):
+            raise ConfigError("assertion_lifetime must be a positive number of seconds")
+        self._token_url = token_url
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._client_auth: ClientAuth = client_auth
+        self._assertion_signer = assertion_signer
+        self._scope = scope or None
+        self._resources = tuple(resources)
+        self._audience = audience or None
+        self._accept_bearer = accept_bearer
+        self._assertion_lifetime = assertion_lifetime
+        if httpx.URL(token_url).scheme == "http" and not _is_loopback(token_url):
+            logger.warning(
+                "token URL %s uses plain http: client credentials travel unencrypted", self._htu
+            )
+
+    @property
+    def token_url(self) -> str:
+        """The token endpoint as configured."""
+        return self._token_url
+
+    @property
+    def htu(self) -> str:
+        """The token endpoint as the ``htu`` of its proofs."""
+        return self._htu
+
+    @property
+    def client_id(self) -> str:
+        """The OAuth client id."""
+        return self._client_id
+
+    @property
+    def client_auth(self) -> ClientAuth:
+        """The client authentication method."""
+        return self._client_auth
+
+    @property
+    def accept_bearer(self) -> bool:
+        """Whether a Bearer token is accepted instead of a DPoP one."""
+        return self._accept_bearer
+
+    @property
+    def assertion_signer(self) -> Signer | None:
+        """The signer of ``private_key_jwt`` assertions (None for other methods)."""
+        return self._assertion_signer
+
+    def assertion_signing_input(self, now: float) -> str:
+        """The unsigned RFC 7523 §3 client assertion for a request made at ``now``.
+
+        ``iss`` and ``sub`` are the client id, ``aud`` the token endpoint URL, ``jti`` 128
+        random bits, ``exp`` ``assertion_lifetime`` seconds after ``iat``. Sign
+        ``result.encode("ascii")`` with `assertion_signer` and join with `finish_assertion`.
+
+        Raises:
+            ConfigError: client_auth is not ``private_key_jwt``.
+        """
+        signer = self._assertion_signer
+        if signer is None:
+            raise ConfigError("client assertions are only made for client_auth private_key_jwt")
+        iat = int(now)
+        header = {"alg": signer.algorithm, "typ": "JWT"}
+        claims = {
+            "iss": self._client_id,
+            "sub": self._client_id,
+            "aud": self._token_url,
+            "jti": default_jti(),
+            "iat": iat,
+            "exp": iat + int(self._assertion_lifetime),
+        }
+        return f"{_b64json(header)}.{_b64json(claims)}"
+
+    @staticmethod
+    def finish_assertion(signing_input: str, signature: bytes) -> str:
+        """Join an assertion's signing input and its ES256 signature."""
+        return compact_jws(signing_input, signature, source="assertion signer")
+
+    def client_assertion(self, now: float) -> str:
+        """A signed ``private_key_jwt`` assertion (signing synchronously)."""
+        signing_input = self.assertion_signing_input(now)
+        assert self._assertion_signer is not None  # checked by assertion_signing_input
+        return self.finish_assertion(
+            signing_input, self._assertion_signer.sign(signing_input.encode("ascii"))
+        )
+
+    def build_request(self, *, proof: str, client_assertion: str | None = None) -> httpx.Request:
+        """The token request (RFC 6749 §4.4.2) carrying ``proof`` in its ``DPoP`` header.
+
+        Raises:
+            ConfigError: ``client_assertion`` is missing for ``private_key_jwt`` (or given for
+                another method).
+        """
+        form: list[tuple[str, str]] = [("grant_type", "client_credentials")]
+        if self._scope is not None:
+            form.append(("scope", self._scope))
+        form.extend(("resource", item) for item in self._resources)
+        if self._audience is not None:
+            form.append(("audience", self._audience))
+        headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+            "DPoP": proof,
+        }
+        auth = self._client_auth
+        if (auth == "private_key_jwt") != (client_assertion is not None):
+            raise ConfigError("a client assertion goes with client_auth private_key_jwt only")
+        if auth == "client_secret_basic":
+            assert self._client_secret is not None  # checked in __init__
+            headers["Authorization"] = _basic(self._client_id, self._client_secret)
+        else:
+            form.append(("client_id", self._client_id))
+        if auth == "client_secret_post":
+            assert self._client_secret is not None
+            form.append(("client_secret", self._client_secret))
+        elif client_assertion is not None:
+            form.append(("client_assertion_type", CLIENT_ASSERTION_TYPE))
+            form.append(("client_assertion", client_assertion))
+        return httpx.Request(
+            "POST", self._token_url, headers=headers, content=urlencode(form).encode("ascii")
+        )
+
+    def parse(self, response: httpx.Response, *, now: float) -> AccessToken:
+        """Read a token endpoint response whose body has been read.
+
+        Args:
+            response: The response, body read.
+            now: The client's clock when it arrived; ``expires_at = now + expires_in``.
+
+        Raises:
+            TokenEndpointError: an RFC 6749 §5.2 error (``.error``, ``.error_description``,
+                ``.status``); ``use_dpop_nonce`` is one too.
+            InvalidTokenResponseError: not a usable §5.1 response (not JSON, HTML, missing or
+                malformed fields, a ``token_type`` that is not DPoP).
+            ServerUnreachableError: a 5xx without an OAuth error body: the server failed.
+        """
+        status = response.status_code
+        where = f"token endpoint {self._htu}"
+        ctype = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        shown_type = ctype or "no content type"
+        body = _json_object(response)
+        if body is not None and status >= 400 and isinstance(body.get("error"), str):
+            raise self._error(body, status, where)
+        if status >= 500:
+            raise ServerUnreachableError(
+                f"{where} failed with HTTP {status} ({shown_type}); the authorization server "
+                "is broken or overloaded, try again later or check its logs"
+            )
+        if status != 200:
+            location = response.headers.get("location")
+            redirect = f" redirecting to {_cut(location)}" if location and status < 400 else ""
+            raise InvalidTokenResponseError(
+                f"{where} answered HTTP {status} ({shown_type}){redirect}, not a token "
+                "response (RFC 6749 §5.1); check that the token URL points at the token endpoint"
+            )
+        if body is None:
+            raise InvalidTokenResponseError(
+                f"{where} answered HTTP 200 with {shown_type} that is not a JSON object, not a "
+                "token response (RFC 6749 §5.1); check that the token URL points at the token "
+                "endpoint"
+            )
+        return self._token(body, where, now)
+
+    def _error(self, body: Mapping[str, Any], status: int, where: str) -> TokenEndpointError:
+        error = _clean(str(body["error"]), 64)
+        raw_description = body.get("error_description")
+        description = None
+        if isinstance(raw_description, str):
+            text = raw_description
+            if self._client_secret:
+                # Defence in depth: a server that echoes what it got must not make us print it.
+                text = text.replace(self._client_secret, "***")
+            description = _clean(text, 300)
+        detail = f": {description}" if description else ""
+        hint = _HINTS.get(error)
+        return TokenEndpointError(
+            f"{where} refused the token request with HTTP {status} {error}{detail}"
+            + (f" ({hint})" if hint else ""),
+            error=error,
+            error_description=description,
+            status=status,
+        )
+
+    def _token(self, body: dict[str, Any], where: str, now: float) -> AccessToken:
+        value = body.get("access_token")
+        if not isinstance(value, str) or not value:
+            raise InvalidTokenResponseError(f"{where} sent no access_token (RFC 6749 §5.1)")
+        if _TOKEN68.fullmatch(value) is None:
+            raise InvalidTokenResponseError(
+                f"{where} sent an access_token that is not token68 (RFC 9110 §11.2), so it "
+                "cannot go into an Authorization header"
+            )
+        token_type = body.get("token_type")
+        if not isinstance(token_type, str) or not token_type:
+            raise InvalidTokenResponseError(f"{where} sent no token_type (RFC 6749 §5.1)")
+        kind = token_type.lower()
+        if kind == "bearer" and not self._accept_bearer:
+            raise InvalidTokenResponseError(
+                f"{where} issued a Bearer token although a DPoP proof was sent (RFC 9449 §5): "
+                "the server does not bind tokens to the key. Enable DPoP for this client at "
+                "the server, or pass accept_bearer=True to accept unbound tokens"
+            )
+        if kind not in ("dpop", "bearer"):
+            raise InvalidTokenResponseError(
+                f"{where} issued a token of type {_clean(token_type, 40)!r}; only DPoP (or "
+                "Bearer with accept_bearer=True) can be used"
+            )
+        expires_in = body.get("expires_in")
+        if isinstance(expires_in, str) and expires_in.strip().isdigit():
+            expires_in = int(expires_in)  # seen in the wild, although RFC 6749 says a number
+        if expires_in is not None and (
+            isinstance(expires_in, bool)
+            or not isinstance(expires_in, int | float)
+            or not math.isfinite(expires_in)
+            or expires_in < 0
+        ):
+            raise InvalidTokenResponseError(
+                f"{where} sent expires_in that is not a non-negative number (RFC 6749 §5.1)"
+            )
+        scope = body.get("scope")
+        return AccessToken(
+            value=value,
+            token_type=token_type,
+            expires_at=None if expires_in is None else now + float(expires_in),
+            scope=scope if isinstance(scope, str) else None,
+            raw=body,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientCredentialsTokenSource({self._htu!r}, client_id={self._client_id!r}, "
+            f"client_auth={self._client_auth!r})"
+        )
+
+
+def _basic(client_id: str, secret: str) -> str:
+    # RFC 6749 §2.3.1: form-urlencode both before joining them with ":" (plain Basic would
+    # break a secret containing ":" and disagree with servers on non-ASCII).
+    pair = f"{quote_plus(client_id, safe='')}:{quote_plus(secret, safe='')}"
+    return "Basic " + base64.b64encode(pair.encode("ascii")).decode("ascii")
+
+
+def _b64json(value: Mapping[str, Any]) -> str:
+    data = json.dumps(value, separators=(",", ":")).encode("utf-8")
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        body = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _clean(text: str, limit: int) -> str:
+    text = _CONTROL.sub(" ", text).strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _cut(url: str) -> str:
+    return _clean(url.split("?", 1)[0], 200)
+
+
+def _is_loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -1,1 +1,1 @@
-"""dpop-signer benchmarks: ``python -m bench [name ...]`` (``make bench``); never part of the tests."""
+"""dpop-signer benchmarks, run with ``python -m bench [name ...]`` (``make bench``)."""

@@ -64,7 +64,7 @@ class FakeOAuth:
         *,
         client_auth: str = "client_secret_basic",
         client_secret: str = CLIENT_SECRET,
-        assertion_jwk: dict[str, str] | None = None,
+        assertion_jwk: Any = None,
         token_type: str = "DPoP",
         lifetime: int | None = 3600,
         as_nonce: str | None = None,
@@ -207,7 +207,9 @@ class FakeOAuth:
         failure = self.as_failure
         if failure == "500":
             return httpx.Response(
-                500, text=f"stack trace: secret={self.client_secret}", headers=self._headers("token")
+                500,
+                text=f"stack trace: secret={self.client_secret}",
+                headers=self._headers("token"),
             )
         if failure == "html":
             return httpx.Response(
@@ -220,7 +222,10 @@ class FakeOAuth:
         if failure == "invalid_client" or not self._client_ok(request, form):
             return httpx.Response(
                 401,
-                json={"error": "invalid_client", "error_description": "client authentication failed"},
+                json={
+                    "error": "invalid_client",
+                    "error_description": "client authentication failed",
+                },
                 headers=self._headers("token", **{"WWW-Authenticate": 'Basic realm="as"'}),
             )
         if form.get("grant_type") != ["client_credentials"]:

@@ -13,6 +13,21 @@ so ``requests()`` / ``seen()`` return exactly what this test caused.
 
 Without node or ``make node-deps`` the tests skip on a developer machine and fail under CI
 (``conftest.require``).
+
+Use (the fixtures are registered for every test module by tests/conftest.py)::
+
+    def test_something(oidc_provider, jose_rs):
+        provider = oidc_provider(require_nonce=True, ttl=3)   # switches for this test only
+        client_id, secret = provider.basic_client             # client_secret_basic
+        ...  # token from provider.token_url, API calls to jose_rs.url + "anything"
+        assert [e["error"] for e in provider.requests()] == ["use_dpop_nonce", None]
+        assert all(e["status"] == 200 for e in jose_rs.seen())
+
+Static clients: ``basic-client``/``basic-secret`` (client_secret_basic) and
+``post-client``/``post-secret`` (client_secret_post); ``provider.register_client(jwk=...)``
+registers a private_key_jwt client for any public key (RFC 7591). In a test that uses
+``jose_rs``, a token request without ``resource`` gets a DPoP-bound JWT for ``jose_rs.url``
+(it is the AS's default resource); ``resource=jose_rs.url`` gets one in any case.
 """
 
 from __future__ import annotations
@@ -97,8 +112,9 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(STOP_TIMEOUT)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
         self.stderr_path.unlink(missing_ok=True)
 
 
@@ -122,8 +138,9 @@ def start_node_server(
         process = subprocess.Popen(
             [node, str(INTEROP_DIR / script)],
             cwd=INTEROP_DIR,
-            env={**os.environ, **env},
-            stdin=subprocess.DEVNULL,
+            # Node exits when this pipe closes, so a killed test run leaves no server behind.
+            env={**os.environ, "INTEROP_EXIT_ON_STDIN_EOF": "1", **env},
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr_file,
         )
@@ -304,11 +321,15 @@ def oidc_provider_server() -> Iterator[NodeProcess]:
 
 @pytest.fixture(scope="session")
 def jose_rs_server(oidc_provider_server: NodeProcess) -> Iterator[NodeProcess]:
-    """The session's jose resource server (tests/interop/rs.mjs), trusting the session's AS."""
-    node = start_node_server(
-        "rs.mjs", {"RS_PORT": "0", "RS_ISSUER": str(oidc_provider_server.ready["issuer"])}
-    )
+    """The session's jose resource server (tests/interop/rs.mjs), trusting the session's AS.
+
+    It also becomes the AS's default resource, so a token request without ``resource`` (the CLI,
+    the service) still gets a JWT access token bound to the proof key and meant for this RS.
+    """
+    issuer = str(oidc_provider_server.ready["issuer"])
+    node = start_node_server("rs.mjs", {"RS_PORT": "0", "RS_ISSUER": issuer})
     try:
+        _control(issuer, "/_interop/config", {"default_resource": node.ready["url"]})
         yield node
     finally:
         node.stop()

@@ -6,8 +6,10 @@ Registered from ``tests/conftest.py`` (``pytest_plugins``).
   process received during the test (`dpop_signer.testing.servers.add_proof_listener`) is re-checked
   by the independent verifier ``tests/oracle.py`` (htm = method, url = URL as received, the
   access token sent with it, the nonce the server had issued, ``cnf.jkt`` of the token, the
-  server's clock at receipt). Any failure fails the test. A test that sends a bad proof on
-  purpose says so with ``oracle_check.exempt(proof)`` or ``oracle_check.exempt_where(pred)``.
+  server's clock at receipt). Any failure fails the test. A proof the server refused for its
+  ``iat`` (clock-skew tests) is checked on everything else, at its own ``iat``. A test that sends
+  a bad proof on purpose says so with ``oracle_check.exempt(proof)`` or
+  ``oracle_check.exempt_where(pred)``.
 - ``local_servers``: a fresh AS + RS (`start_local_servers` defaults) on free ports, stopped
   after the test. Flip switches on ``.authorization_server`` / ``.resource_server``.
 - ``local_servers_factory``: ``make(**switches)`` -> started `LocalServers`, all stopped after.
@@ -116,6 +118,14 @@ class HandKey:
         return self.sign_jws({"alg": "ES256", "typ": "JWT"}, claims)
 
 
+def _iat_of(proof: str, *, default: float) -> float:
+    try:
+        iat = json.loads(base64.urlsafe_b64decode(proof.split(".")[1] + "==="))["iat"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return default
+    return float(iat) if isinstance(iat, int | float) else default
+
+
 class OracleCheck:
     """Runs ``tests/oracle.check_proof`` over every proof local servers received in a test."""
 
@@ -140,6 +150,10 @@ class OracleCheck:
             if seen.proof in self._exempt or any(p(seen) for p in self._predicates):
                 continue
             self.checked += 1
+            now = seen.received_at
+            if seen.error == "invalid_dpop_proof" and "iat is" in (seen.detail or ""):
+                # Rejected for its iat (a clock-skew test): check everything else, at its iat.
+                now = _iat_of(seen.proof, default=now)
             try:
                 oracle.check_proof(
                     seen.proof,
@@ -147,7 +161,7 @@ class OracleCheck:
                     url=seen.url,
                     access_token=seen.access_token,
                     nonce=seen.nonce,
-                    now=seen.received_at,
+                    now=now,
                     expected_jkt=seen.jkt,
                 )
             except oracle.OracleError as exc:

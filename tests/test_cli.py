@@ -263,3 +263,61 @@ def test_no_heavy_imports_for_help():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
     )
     assert proc.stdout.strip() == ""
+
+
+def run_on_terminal(args: list[str], answer: str, *, prompt: bytes) -> tuple[str, int]:
+    """Run dpop on a pseudo-terminal, type ``answer`` at ``prompt``; return output and status."""
+    import pty
+    import select
+    import time
+
+    from tests.cli_support import clean_env
+
+    env = clean_env()
+    del env["DPOP_NO_PROMPT"]
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.execve(sys.executable, [sys.executable, "-m", "dpop_signer", *args], env)  # noqa: S606
+    output = b""
+    answered = False
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+            if prompt in output and not answered:
+                os.write(fd, answer.encode() + b"\n")
+                answered = True
+    finally:
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    return output.decode("utf-8", "replace"), os.waitstatus_to_exitcode(status)
+
+
+def test_passphrase_prompt_on_a_terminal_is_hidden(tmp_path):
+    key = tmp_path / "k.pem"
+    assert_ok(dpop("keygen", "--key", str(key), env={"DPOP_PIN": "typed-secret-42"}))
+    output, status = run_on_terminal(
+        ["thumbprint", "--key", str(key)], "typed-secret-42", prompt=b"passphrase for"
+    )
+    assert status == 0, output
+    assert oracle.thumbprint(jwk_of_pem(key, b"typed-secret-42")) in output
+    assert "typed-secret-42" not in output  # not echoed
+
+
+@pytest.mark.softhsm
+def test_pin_prompt_on_a_terminal(softhsm, cli_token_key):
+    uri, jkt = cli_token_key
+    output, status = run_on_terminal(
+        ["thumbprint", "--key", uri], softhsm.pin, prompt=b"PIN for token"
+    )
+    assert status == 0, output
+    assert jkt in output

@@ -134,3 +134,32 @@ def test_doctor_against_oidc_provider(
     assert steps["DPoP token issued"].startswith("✓")
     assert steps["token bound to this key"].startswith("✓")
     recheck(provider, None, oracle.thumbprint(jwk_of_pem(pem_key_path)))
+
+
+def test_proofs_from_dpop_proof_are_accepted_by_both_servers(
+    oidc_provider: Callable[..., OidcProvider], jose_rs: JoseResourceServer, pem_key_path: str
+) -> None:
+    import httpx
+
+    provider = oidc_provider()
+    jkt = oracle.thumbprint(jwk_of_pem(pem_key_path))
+    proof = assert_ok(dpop("proof", "--key", pem_key_path, "POST", provider.token_url)).out
+    with httpx.Client(trust_env=False, timeout=10.0) as http:
+        response = http.post(
+            provider.token_url,
+            data={"grant_type": "client_credentials", "resource": jose_rs.url, "scope": "api:read"},
+            auth=provider.basic_client,
+            headers={"DPoP": proof.strip()},
+        )
+        assert response.status_code == 200, response.text
+        token = response.json()["access_token"]
+        url = jose_rs.url + "items/1"
+        api_proof = dpop(
+            "proof", "--key", pem_key_path, "--access-token", "@-", "GET", url, stdin=token
+        )
+        api = http.get(
+            url,
+            headers={"Authorization": f"DPoP {token}", "DPoP": assert_ok(api_proof).out.strip()},
+        )
+        assert api.status_code == 200, api.text
+    recheck(provider, jose_rs, jkt)

@@ -701,7 +701,8 @@ def test_auth_headers_for_another_http_stack(
     oidc_provider: ProviderFactory, jose_rs: JoseResourceServer, hsm_signer: Signer
 ) -> None:
     provider = oidc_provider()
-    auth = _auth(hsm_signer, provider, jose_rs)
+    # No resource indicator: the fixture made the jose RS the AS's default resource.
+    auth = _auth(hsm_signer, provider, jose_rs, resource=None)
     url = jose_rs.url + "elsewhere?x=1"
     with _client(RequestLog()) as http:
         headers = auth.headers(http, "PUT", url)
@@ -709,4 +710,6 @@ def test_auth_headers_for_another_http_stack(
     assert response.status_code == 200, response.text
     jkt = thumbprint(dict(hsm_signer.public_jwk))
     assert response.json()["jkt"] == jkt
+    assert _jwt_claims(headers["Authorization"].split(" ", 1)[1])["aud"] == jose_rs.url
+    assert _recheck_token_requests(provider, jkt) == 1
     assert _recheck_api_requests(jose_rs, jkt) == 1

@@ -70,7 +70,10 @@ def test_proof_passes_the_oracle_with_exact_header_and_claims(pem_signer: Signer
 def test_access_token_and_nonce_add_ath_and_nonce(pem_signer: Signer) -> None:
     builder = DPoPProofBuilder(pem_signer)
     proof = builder.build(
-        "POST", "https://api.example.com/x", access_token=RFC_TOKEN, nonce="eyJ7S_zG.eyJH0-Z.HX4w-7v"
+        "POST",
+        "https://api.example.com/x",
+        access_token=RFC_TOKEN,
+        nonce="eyJ7S_zG.eyJH0-Z.HX4w-7v",
     )
     checked = oracle.check_proof(
         proof,
@@ -83,7 +86,9 @@ def test_access_token_and_nonce_add_ath_and_nonce(pem_signer: Signer) -> None:
     assert list(checked.claims) == ["jti", "htm", "htu", "iat", "ath", "nonce"]
     # The one-entry ath cache must not leak a previous token's hash into the next proof.
     other = builder.build("GET", "https://api.example.com/x", access_token="other.token")
-    oracle.check_proof(other, htm="GET", url="https://api.example.com/x", access_token="other.token")
+    oracle.check_proof(
+        other, htm="GET", url="https://api.example.com/x", access_token="other.token"
+    )
 
 
 def test_access_token_hash_matches_rfc_9449_example() -> None:
@@ -127,7 +132,10 @@ def test_clock_offset_and_injected_clock_and_jti(pem_signer: Signer) -> None:
         ("http://api.example.com:80/x", "http://api.example.com/x"),
         ("http://api.example.com:443/x", "http://api.example.com:443/x"),
         ("https://api.example.com:8443/x", "https://api.example.com:8443/x"),
-        ("https://api.example.com/a%2Fb/%7E/c%20d?x=1&y=%2F#frag", "https://api.example.com/a%2Fb/%7E/c%20d"),
+        (
+            "https://api.example.com/a%2Fb/%7E/c%20d?x=1&y=%2F#frag",
+            "https://api.example.com/a%2Fb/%7E/c%20d",
+        ),
         ("https://api.example.com/caf%C3%A9", "https://api.example.com/caf%C3%A9"),
         ("https://api.example.com", "https://api.example.com/"),
         ("https://api.example.com?x=1", "https://api.example.com/"),
@@ -156,7 +164,14 @@ def test_htu_with_a_backslash_is_json_escaped(pem_signer: Signer) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["ftp://api.example.com/x", "/relative/path", "api.example.com/x", "https://", "", "mailto:a@b"],
+    [
+        "ftp://api.example.com/x",
+        "/relative/path",
+        "api.example.com/x",
+        "https://",
+        "",
+        "mailto:a@b",
+    ],
 )
 def test_htu_must_be_an_absolute_http_url(pem_signer: Signer, url: str) -> None:
     with pytest.raises(ProofError, match="htu"):
@@ -169,7 +184,7 @@ def test_bad_url_message_omits_the_query() -> None:
     assert "SECRET123" not in str(info.value)
 
 
-@pytest.mark.parametrize("htm", ["", "GET ", "G\"ET", "GE\\T", "PO ST", "GET\n", 42])
+@pytest.mark.parametrize("htm", ["", "GET ", 'G"ET', "GE\\T", "PO ST", "GET\n", 42])
 def test_htm_must_be_a_method_token(pem_signer: Signer, htm: Any) -> None:
     with pytest.raises(ProofError, match="htm"):
         DPoPProofBuilder(pem_signer).build(htm, "https://a.example/")

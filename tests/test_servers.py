@@ -26,7 +26,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from dpop_signer.testing import ServerThread, start_local_servers
-from dpop_signer.testing.servers import LocalServers
+from dpop_signer.testing.servers import LocalServers, NonceBook
 from tests import oracle
 from tests.servers_fixtures import HandKey, OracleCheck
 
@@ -163,13 +163,14 @@ def test_bad_client_credentials_are_invalid_client(
     response = client.post(
         local_servers.token_url,
         data={**GRANT, **data},
-        auth=auth,
+        auth=auth,  # type: ignore[arg-type]  # None: no Authorization header
         headers={"DPoP": key.proof("POST", local_servers.token_url)},
     )
     assert response.status_code == 401
     assert response.json()["error"] == "invalid_client"
     assert ("www-authenticate" in response.headers) is basic_challenge
-    assert "wrong" not in response.text and "demo-secret" not in response.text
+    assert "wrong" not in response.text
+    assert "demo-secret" not in response.text
 
 
 def test_two_client_authentication_methods_are_refused(
@@ -294,14 +295,20 @@ def test_as_nonce_demand_retry_and_rotation(
     assert too_old.headers["dpop-nonce"] not in (first, second)
 
 
-def test_nonces_rotate_on_their_own(
-    local_servers_factory: Callable[..., LocalServers], client: httpx.Client, key: HandKey
-) -> None:
-    servers = local_servers_factory(require_nonce=True)
-    book = servers.authorization_server.nonces
-    book.rotation = 0.0  # every look rotates: the next answer cannot repeat the last nonce
+def test_nonce_book_rotates_on_a_clock_and_keeps_the_previous_nonce() -> None:
+    clock = [1000.0]
+    book = NonceBook(rotation=60.0, clock=lambda: clock[0])
     first = book.current
-    assert book.current != first
+    clock[0] += 59
+    assert book.current == first
+    clock[0] += 2
+    second = book.current
+    assert second != first
+    assert book.accepted() == (second, first)
+    clock[0] += 61
+    assert first not in book.accepted()
+    assert book.was_issued(first)
+    assert not book.was_issued("never-issued")
 
 
 @pytest.mark.parametrize("mode", ["error_500", "html"])
@@ -407,8 +414,7 @@ def test_skewed_server_judges_iat_by_its_own_clock(
 ) -> None:
     local_servers.authorization_server.clock_skew = 1000.0
     url = local_servers.token_url
-    naive = key.proof("POST", url)
-    oracle_check.exempt(naive)
+    naive = key.proof("POST", url)  # not exempt: the oracle checks it at its own iat
     stale = client.post(url, data=GRANT, auth=BASIC, headers={"DPoP": naive})
     assert stale.status_code == 400
     assert "in the future" not in stale.json()["error_description"]
@@ -453,6 +459,39 @@ def test_api_reads_a_5_mb_body(
     assert response.status_code == 200
     assert response.json()["body_len"] == len(body)
     assert response.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_api_answers_a_nonce_demand_to_a_large_upload(
+    local_servers: LocalServers, client: httpx.Client, key: HandKey
+) -> None:
+    token = get_token(client, local_servers, key)
+    local_servers.resource_server.require_nonce = True
+    body = b"z" * (5 * 1024 * 1024)
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    url = local_servers.api_url + "/upload"
+    demand = call(client, key, token, url, method="POST", content=chunks())
+    assert demand.status_code == 401  # seen as an answer, not a broken pipe
+    retry = call(
+        client, key, token, url, method="POST", content=body, nonce=demand.headers["dpop-nonce"]
+    )
+    assert retry.json()["body_len"] == len(body)
+
+
+def test_api_error_with_non_ascii_in_the_proof_is_still_a_clean_401(
+    local_servers: LocalServers, client: httpx.Client, key: HandKey, oracle_check: OracleCheck
+) -> None:
+    token = get_token(client, local_servers, key)
+    odd = key.proof("GET", "http://héllo.example/☃", access_token=token)
+    oracle_check.exempt(odd)
+    response = client.get(
+        local_servers.api_url + "/x", headers={"Authorization": f"DPoP {token}", "DPoP": odd}
+    )
+    assert response.status_code == 401
+    assert 'error="invalid_dpop_proof"' in response.headers["www-authenticate"]
 
 
 def test_api_streams_n_bytes(
@@ -629,6 +668,8 @@ def test_records_and_counters(
     assert (first.url, first.access_token, first.nonce, first.jkt) == (url, token, None, key.jkt)
     assert (first.status, first.error) == (401, "use_dpop_nonce")
     assert (second.nonce, second.status, second.error) == (demand.headers["dpop-nonce"], 200, None)
+    assert first.detail is not None
+    assert "nonce" in first.detail
     assert "eyJ" not in repr(second)  # proofs and tokens stay out of reprs
     rs.clear()
     assert (rs.seen, rs.api_requests) == ([], 0)

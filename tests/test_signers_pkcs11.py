@@ -702,3 +702,16 @@ def test_lost_session_with_a_pin_that_no_longer_works_is_not_retried(
         anchor._pin = good
         del signer.module.cryptoki.login
     verify_all(dict(signer.public_jwk), [(b"ok", signer.sign(b"ok"))])
+
+
+def test_open_after_a_lost_session_recovers(signer: Pkcs11Signer, softhsm: SoftHsmToken) -> None:
+    sabotage(signer, "close-all-sessions")
+    with open_pkcs11_signer(signer.uri, pin=softhsm.pin) as opened:
+        assert opened.public_jwk == signer.public_jwk
+    verify_all(dict(signer.public_jwk), [(b"s", signer.sign(b"s"))])
+
+
+def test_exported_from_the_package() -> None:
+    import dpop_signer
+
+    assert dpop_signer.Pkcs11Signer is Pkcs11Signer

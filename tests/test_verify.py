@@ -16,6 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dpop_signer.errors import DPoPSignerError, VerificationError
 from dpop_signer.verify import (
@@ -364,6 +366,57 @@ def test_replayed_jti_is_refused_and_a_failed_proof_is_not_remembered(key: HandK
 def test_errors_are_dpop_signer_errors(key: HandKey) -> None:
     with pytest.raises(DPoPSignerError):
         verify_proof(key.proof("GET", HTU), htm="PUT", htu=HTU)
+
+
+def test_rejects_non_canonical_base64url(key: HandKey) -> None:
+    header, claims, signature = key.proof("GET", HTU).split(".")
+    # 64 bytes = 86 characters with 4 unused bits; setting one of them spells the same bytes.
+    last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    index = last.index(signature[-1])
+    twin = signature[:-1] + last[index ^ 1]
+    assert base64.urlsafe_b64decode(twin + "==") == base64.urlsafe_b64decode(signature + "==")
+    rejects(f"{header}.{claims}.{twin}", match="canonical")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(position=st.integers(min_value=0), replacement=st.sampled_from("A_-.x0="))
+def test_any_one_character_change_is_rejected(position: int, replacement: str) -> None:
+    proof = PROOF_FOR_FUZZ
+    position %= len(proof)
+    if proof[position] == replacement:
+        return
+    mutated = proof[:position] + replacement + proof[position + 1 :]
+    with pytest.raises(VerificationError):
+        verify_proof(mutated, htm="GET", htu=HTU)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    header=st.dictionaries(st.sampled_from(["typ", "alg", "jwk", "crit", "kid"]), JSON, max_size=4),
+    claims=st.dictionaries(
+        st.sampled_from(["jti", "htm", "htu", "iat", "ath", "nonce"]), JSON, max_size=6
+    ),
+)
+def test_arbitrary_signed_json_fails_with_verification_error_only(
+    header: dict, claims: dict
+) -> None:
+    proof = FUZZ_KEY.proof("GET", HTU, header=header, claims=claims)
+    # jkt "j" matches no key, so every proof must end in VerificationError and nothing else.
+    with pytest.raises(VerificationError):
+        verify_proof(proof, htm="GET", htu=HTU, access_token=TOKEN, nonce="n", jkt="j")
+
+
+FUZZ_KEY = HandKey()
+PROOF_FOR_FUZZ = FUZZ_KEY.proof("GET", HTU, iat=time.time() + 10)
 
 
 # --- the replay cache ---------------------------------------------------------------------

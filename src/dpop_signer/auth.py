@@ -28,11 +28,16 @@ What happens per request:
    ``DPoP-Nonce`` ends in `UseDPoPNonceError`; nothing loops. A request is sent at most three
    times (nonce retry + renewal retry).
 
-Errors: everything raised on purpose is a `DPoPSignerError`. A connection error or timeout on
-the *token* request becomes `ServerUnreachableError` (chained from the httpx exception); the
-same on the API request itself is left as the httpx exception (``httpx.ConnectError``,
-``httpx.ReadTimeout``, ...), exactly as without this auth. Timeouts are the client's: set
-``timeout=`` on the ``httpx.Client``. A request body that is a one-shot stream (a generator)
+Errors: everything raised on purpose is a `DPoPSignerError`. Connection errors and timeouts
+(timeouts are the client's: set ``timeout=`` on the client) surface like this:
+
+- token request in `get_token`, `aget_token`, `headers`, `aheaders`, and inside
+  ``httpx.Client`` requests: `ServerUnreachableError`, chained from the httpx exception;
+- token request inside ``httpx.AsyncClient`` requests: the httpx exception itself
+  (``httpx.ConnectError``, ``httpx.ConnectTimeout``, ...), because httpx closes an async auth
+  flow without telling it why (call `aget_token` first to get `ServerUnreachableError`);
+- the API request itself: always the httpx exception, exactly as without this auth.
+ A request body that is a one-shot stream (a generator)
 is never re-sent: a retry it would need raises `UseDPoPNonceError` or `OAuthError` instead.
 
 The protocol logic lives in plain generators that do no I/O, do not sign and take no locks:
@@ -234,29 +239,34 @@ class DPoPAuth(httpx.Auth):
             OAuthError: the token endpoint refused, failed or could not be reached.
             SignerError: the signer failed.
         """
-        runner = self._run_sync(self._token(None))
+        runner = self._run_sync(self._token(None, _timeout_of(client)))
         try:
             request = next(runner)
             for _ in range(8):  # a fetch sends at most two requests; bound it anyway
-                # auth=None: the token request must not go through this auth (or any other).
-                response = client.send(request, auth=None)
+                try:
+                    # auth=None: the token request must not go through this auth (or any other).
+                    response = client.send(request, auth=None)
+                except httpx.TransportError as exc:
+                    raise self._unreachable(exc) from exc
                 request = runner.send(response)
             raise OAuthError("token fetch did not finish; this is a bug in dpop-signer")
         except StopIteration as stop:
             token: AccessToken = stop.value
             return token
         finally:
-            # On a transport error this turns it into ServerUnreachableError (see _run_sync).
             runner.close()
 
     async def aget_token(self, client: httpx.AsyncClient) -> AccessToken:
         """`get_token` for `httpx.AsyncClient` (signs through the signer's async path)."""
         result: list[AccessToken] = []
-        runner = self._run_async(self._token(None), result)
+        runner = self._run_async(self._token(None, _timeout_of(client)), result)
         try:
             request = await anext(runner)
             for _ in range(8):
-                response = await client.send(request, auth=None)
+                try:
+                    response = await client.send(request, auth=None)
+                except httpx.TransportError as exc:
+                    raise self._unreachable(exc) from exc
                 request = await runner.asend(response)
             raise OAuthError("token fetch did not finish; this is a bug in dpop-signer")
         except StopAsyncIteration:
@@ -335,8 +345,7 @@ class DPoPAuth(httpx.Auth):
                         try:
                             reply.read()
                         except httpx.TransportError as exc:
-                            self._raise_unreachable(step, exc)
-                            raise  # pragma: no cover - _raise_unreachable raised
+                            raise self._unreachable(exc) from exc
                 elif step is _Lock.ACQUIRE:
                     self._sync_lock.acquire()
                     locked = True
@@ -364,17 +373,15 @@ class DPoPAuth(httpx.Auth):
                 if isinstance(step, _Sign):
                     reply = await sign_async(step.signer, step.message)
                 elif isinstance(step, _Send):
-                    try:
-                        reply = yield step.request
-                    except GeneratorExit as exit_:
-                        self._raise_unreachable(step, exit_.__context__)
-                        raise
+                    # Unlike the sync driver, a transport error cannot be seen here: aclose()
+                    # throws GeneratorExit into an async generator without the exception
+                    # that caused it, so httpx's own error reaches the caller unchanged.
+                    reply = yield step.request
                     if step.token_request:
                         try:
                             await reply.aread()
                         except httpx.TransportError as exc:
-                            self._raise_unreachable(step, exc)
-                            raise  # pragma: no cover - _raise_unreachable raised
+                            raise self._unreachable(exc) from exc
                 elif step is _Lock.ACQUIRE:
                     lock = self._async_lock()
                     await lock.acquire()
@@ -397,17 +404,22 @@ class DPoPAuth(httpx.Auth):
 
     def _raise_unreachable(self, step: _Send, cause: BaseException | None) -> None:
         if step.token_request and isinstance(cause, httpx.TransportError):
-            detail = str(cause) or "no detail"
-            raise ServerUnreachableError(
-                f"cannot reach the token endpoint {self._source.htu}: {type(cause).__name__} "
-                f"({detail}); check the token URL and that the authorization server is up "
-                "(timeouts are the httpx client's timeout= setting)"
-            ) from cause
+            raise self._unreachable(cause) from cause
+
+    def _unreachable(self, cause: httpx.TransportError) -> ServerUnreachableError:
+        detail = str(cause) or "no detail"
+        return ServerUnreachableError(
+            f"cannot reach the token endpoint {self._source.htu}: {type(cause).__name__} "
+            f"({detail}); check the token URL and that the authorization server is up "
+            "(timeouts are the httpx client's timeout= setting)"
+        )
 
     # -- protocol logic: plain generators, no I/O -------------------------------------------
 
     def _request_flow(self, request: httpx.Request) -> _Flow[None]:
-        token = yield from self._token(None)
+        # The token request gets the API request's timeouts (the client's timeout= setting).
+        timeout = request.extensions.get("timeout")
+        token = yield from self._token(None, timeout)
         nonce = self._nonces.get(request.url)
         nonce_retried = renewed = False
         # Each retry spends a flag that forbids its own kind, so the third send is the last.
@@ -451,7 +463,7 @@ class DPoPAuth(httpx.Auth):
                 _require_rewindable(request, where, "invalid_token", OAuthError)
                 renewed = True
                 logger.info("%s answered 401 invalid_token; renewing the token once", where)
-                token = yield from self._token(token)
+                token = yield from self._token(token, timeout)
                 nonce = self._nonces.get(request.url)
             else:
                 if error == "invalid_dpop_proof":
@@ -461,7 +473,7 @@ class DPoPAuth(httpx.Auth):
                     )  # fmt: skip
                 return
 
-    def _token(self, rejected: AccessToken | None) -> _Flow[AccessToken]:
+    def _token(self, rejected: AccessToken | None, timeout: object) -> _Flow[AccessToken]:
         token = self._fresh(rejected)
         if token is not None:
             return token
@@ -469,7 +481,7 @@ class DPoPAuth(httpx.Auth):
         # Whoever held the lock before us may have fetched a token already: single flight.
         token = self._fresh(rejected)
         if token is None:
-            token = yield from self._fetch_token()
+            token = yield from self._fetch_token(timeout)
         yield _Lock.RELEASE
         return token
 
@@ -481,10 +493,10 @@ class DPoPAuth(httpx.Auth):
             return None
         return cached.token
 
-    def _fetch_token(self) -> _Flow[AccessToken]:
+    def _fetch_token(self, timeout: object) -> _Flow[AccessToken]:
         where = f"token endpoint {self._source.htu}"
         nonce = self._nonces.get(self._source.htu)
-        response = yield from self._token_attempt(nonce)
+        response = yield from self._token_attempt(nonce, timeout)
         try:
             return self._accept(response)
         except TokenEndpointError as exc:
@@ -492,7 +504,7 @@ class DPoPAuth(httpx.Auth):
                 raise self._with_skew(exc) from exc
             nonce = self._demanded_nonce(response, nonce, where)
         logger.info("%s demanded a DPoP nonce; retrying once", where)
-        response = yield from self._token_attempt(nonce)
+        response = yield from self._token_attempt(nonce, timeout)
         try:
             return self._accept(response)
         except TokenEndpointError as exc:
@@ -504,7 +516,7 @@ class DPoPAuth(httpx.Auth):
                 ) from exc
             raise self._with_skew(exc) from exc
 
-    def _token_attempt(self, nonce: str | None) -> _Flow[httpx.Response]:
+    def _token_attempt(self, nonce: str | None, timeout: object) -> _Flow[httpx.Response]:
         source = self._source
         prepared = self._proofs.prepare("POST", source.htu, nonce=nonce)
         signature = yield _Sign(self._signer, prepared.signing_input.encode("ascii"))
@@ -517,6 +529,8 @@ class DPoPAuth(httpx.Auth):
         request = source.build_request(
             proof=self._proofs.finish(prepared, signature), client_assertion=assertion
         )
+        if timeout is not None:
+            request.extensions["timeout"] = timeout
         self._token_requests += 1
         response: httpx.Response = yield _Send(request, token_request=True)
         self._observe(request.url, response)
@@ -604,6 +618,11 @@ class DPoPAuth(httpx.Auth):
                 f"one cause: {self._skew_note()})"
             )
         return nonce
+
+
+def _timeout_of(client: httpx.Client | httpx.AsyncClient) -> dict[str, float | None]:
+    # What client.build_request would attach; client.send of a ready Request does not.
+    return client.timeout.as_dict()
 
 
 def _dpop_challenge_error(headers: httpx.Headers) -> str | None:

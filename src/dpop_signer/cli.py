@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -38,6 +39,7 @@ from dpop_signer.errors import ConfigError, DPoPSignerError
 if TYPE_CHECKING:
     import httpx
 
+    from dpop_signer.config import Settings
     from dpop_signer.signers.base import Signer
 
 __all__ = ["main"]
@@ -63,7 +65,10 @@ def _httpx_error_message(exc: Exception) -> str | None:
     httpx = sys.modules.get("httpx")
     if httpx is None or not isinstance(exc, httpx.HTTPError | httpx.InvalidURL):
         return None
-    request = getattr(exc, "_request", None)
+    try:
+        request = exc.request if isinstance(exc, httpx.RequestError) else None
+    except RuntimeError:  # httpx raises when the error was created without a request
+        request = None
     where = f" {request.method} {request.url.copy_with(query=None)}" if request else ""
     if isinstance(exc, httpx.TimeoutException):
         return f"timed out on{where}; raise --timeout or check the server"
@@ -123,6 +128,11 @@ class DpopGroup(click.Group):
             _fail(str(exc), EXIT_RUNTIME)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except BrokenPipeError:
+            # The reader went away (`dpop request ... | head`): not worth an error line, and
+            # Python must not complain again when it flushes stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_RUNTIME)
         except Exception as exc:
             message = _httpx_error_message(exc)
             if message is None:
@@ -155,8 +165,13 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def _open_signer(ctx: click.Context) -> Iterator[tuple[Any, Signer]]:
-    settings = prompt_for_secrets(settings_from_context(ctx))
+def _open_signer(
+    ctx: click.Context, *, require: Sequence[str] = (), client: bool = False
+) -> Iterator[tuple[Settings, Signer]]:
+    settings = settings_from_context(ctx)
+    # Everything missing is reported before a PIN is asked for or a token is touched.
+    settings.require("key", *require)
+    settings = prompt_for_secrets(settings, need_client_secret=client)
     signer = build_signer(settings)
     try:
         yield settings, signer
@@ -289,7 +304,7 @@ def proof(
         click.echo(builder.build(method.upper(), url, access_token=token, nonce=nonce))
 
 
-def _client(settings: Any, auth: Any, log: SessionLog | None) -> httpx.Client:
+def _client(settings: Settings, auth: Any, log: SessionLog | None) -> httpx.Client:
     import httpx
 
     return httpx.Client(
@@ -316,9 +331,7 @@ def token(ctx: click.Context, /, verbose: bool, **_: object) -> None:
       dpop token --key dev-key.pem --token-url https://as.example/token \\
           --client-id svc --client-secret-file secret.txt --scope read
     """  # noqa: D301 - click's \b keeps the examples unwrapped
-    with _open_signer(ctx) as (settings, signer):
-        settings.require("token_url", "client_id")
-        settings = prompt_for_secrets(settings, need_client_secret=True)
+    with _open_signer(ctx, require=("token_url", "client_id"), client=True) as (settings, signer):
         auth = build_auth(settings, signer)
         log = SessionLog(sys.stderr, token_url=settings.token_url) if verbose else None
         with _client(settings, auth, log) as client:
@@ -400,9 +413,7 @@ def request(
         # curl's default for -d, so that scripts written for curl behave the same.
         extra_headers.append(("Content-Type", "application/x-www-form-urlencoded"))
 
-    with _open_signer(ctx) as (settings, signer):
-        settings.require("token_url", "client_id")
-        settings = prompt_for_secrets(settings, need_client_secret=True)
+    with _open_signer(ctx, require=("token_url", "client_id"), client=True) as (settings, signer):
         auth = build_auth(settings, signer)
         log = SessionLog(sys.stderr, token_url=settings.token_url) if verbose else None
         with _client(settings, auth, log) as client:

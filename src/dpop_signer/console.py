@@ -202,7 +202,6 @@ class SessionLog:
         if response.status_code in (400, 401) and "dpop-nonce" in response.headers:
             self.note("the server sent a DPoP nonce; a demand for it is answered once")
 
-
     def _note_binding(self, body: bytes) -> None:
         # The token's own claims are not secret to its holder; cnf.jkt shows the binding
         # (RFC 9449 §6.1) without showing the token.

@@ -134,7 +134,6 @@ def _fail_chain(doc: Doctor, steps: list[str], index: int, message: str) -> Sign
     return None
 
 
-
 def _pkcs11_steps(doc: Doctor, settings: Settings) -> Signer | None:
     from dpop_signer.signers.pkcs11_uri import parse_pkcs11_uri, resolve_module
 

@@ -521,11 +521,15 @@ def _decode_jws(
     if len(parts) != 3:
         raise fail(f"is not a compact JWS (found {len(parts)} dot-separated parts, need 3)")
     try:
-        header = json.loads(b64url_decode(parts[0]))
-        claims = json.loads(b64url_decode(parts[1]))
-        signature = b64url_decode(parts[2])
-    except (ValueError, UnicodeDecodeError) as exc:
+        decoded = [b64url_decode(part) for part in parts]
+        header = json.loads(decoded[0])
+        claims = json.loads(decoded[1])
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise fail("is not base64url-encoded JSON (RFC 7515 §7.1)") from exc
+    # Only the canonical encoding: otherwise unused trailing bits give one JWS many spellings.
+    if any(b64url_encode(raw) != part for raw, part in zip(decoded, parts, strict=True)):
+        raise fail("is not canonical base64url (RFC 7515 §2)")
+    signature = decoded[2]
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise fail("header and payload must be JSON objects")
     if "crit" in header:

@@ -7,6 +7,7 @@
 //   AS_PORT               port to listen on (0, the default, picks a free one)
 //   AS_REQUIRE_NONCE      off | required: demand a DPoP nonce on every token request (RFC 9449 §8)
 //   AS_TTL                access token lifetime in seconds (default 300)
+//   AS_DEFAULT_RESOURCE   resource indicator used when a token request names none
 //   AS_CLIENT_JWKS        JSON JWK or JWKS: public key(s) of the static private_key_jwt client
 //   AS_CLIENT_JWKS_FILE   the same, read from a file
 //
@@ -18,12 +19,15 @@
 //
 // Resource indicators (RFC 8707): any http://127.0.0.1:PORT/ or http://localhost:PORT/ resource
 // gets an ES256 JWT access token whose `aud` is that resource, with `cnf.jkt` (RFC 9449 §6.1).
-// A token request without `resource` gets an opaque token.
+// A token request without `resource` gets the default resource when one is set, otherwise an
+// opaque (still DPoP-bound) token the jose resource server cannot verify.
 //
 // Test hooks outside oidc-provider (served by the wrapping node:http server, never by the AS):
 //   GET  /_interop/requests?since=N   every token endpoint request: DPoP header, status, error
 //   GET  /_interop/config             current switches
-//   POST /_interop/config             {"require_nonce": bool, "ttl": seconds}: change them live
+//   POST /_interop/config             {"require_nonce": bool, "ttl": seconds,
+//                                      "default_resource": "http://127.0.0.1:PORT/" | null}
+// INTEROP_EXIT_ON_STDIN_EOF=1: also exit when stdin reaches end of file (the parent died).
 // Prints one JSON line {"ready": true, "issuer", "port"} on stdout when listening; exits on
 // SIGTERM or SIGINT.
 
@@ -76,6 +80,7 @@ function loadClientJwks() {
 const state = {
   requireNonce: parseNonceMode(args['require-nonce'] ?? process.env.AS_REQUIRE_NONCE),
   ttl: parseTtl(args.ttl ?? process.env.AS_TTL),
+  defaultResource: process.env.AS_DEFAULT_RESOURCE || null,
 };
 const port = Number(args.port ?? process.env.AS_PORT ?? 0);
 if (!Number.isInteger(port) || port < 0 || port > 65535) fail(`bad port ${args.port ?? process.env.AS_PORT}`);
@@ -140,7 +145,7 @@ async function main() {
       },
       resourceIndicators: {
         enabled: true,
-        defaultResource: (ctx, client, oneOf) => oneOf,
+        defaultResource: (ctx, client, oneOf) => oneOf ?? state.defaultResource ?? undefined,
         useGrantedResource: () => true,
         getResourceServerInfo: (ctx, resourceIndicator) => {
           if (!LOOPBACK_RESOURCE.test(resourceIndicator)) {
@@ -202,8 +207,17 @@ async function main() {
           if (!Number.isInteger(update.ttl) || update.ttl < 1) return sendJson(res, 400, { error: 'ttl must be a positive integer' });
           state.ttl = update.ttl;
         }
+        if ('default_resource' in update) {
+          const value = update.default_resource;
+          if (value !== null && !(typeof value === 'string' && LOOPBACK_RESOURCE.test(value))) {
+            return sendJson(res, 400, { error: 'default_resource must be null or http://127.0.0.1:PORT/' });
+          }
+          state.defaultResource = value;
+        }
       }
-      return sendJson(res, 200, { require_nonce: state.requireNonce, ttl: state.ttl });
+      return sendJson(res, 200, {
+        require_nonce: state.requireNonce, ttl: state.ttl, default_resource: state.defaultResource,
+      });
     }
     return sendJson(res, 404, { error: 'unknown test hook' });
   }
@@ -255,9 +269,7 @@ async function main() {
       server.listen(port, '127.0.0.1', resolve);
     });
   }
-  const actualPort = server.address().port;
-  process.stdout.write(`${JSON.stringify({ ready: true, issuer, port: actualPort, token_endpoint: provider.urlFor('token') })}\n`);
-
+  // Signal handlers first: the parent may send SIGTERM as soon as it reads the ready line.
   const stop = () => {
     server.close(() => process.exit(0));
     server.closeAllConnections();
@@ -265,6 +277,13 @@ async function main() {
   };
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
+  if (process.env.INTEROP_EXIT_ON_STDIN_EOF === '1') {
+    // The test runner holds our stdin open: if it dies without stopping us, we stop too.
+    process.stdin.on('end', stop);
+    process.stdin.resume();
+  }
+  const actualPort = server.address().port;
+  process.stdout.write(`${JSON.stringify({ ready: true, issuer, port: actualPort, token_endpoint: provider.urlFor('token') })}\n`);
 }
 
 main().catch((err) => {

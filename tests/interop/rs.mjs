@@ -27,6 +27,7 @@
 //                                 rotate_nonce: a fresh nonce after every request, so a held
 //                                 nonce is always stale; invalid_token: answer the next N API
 //                                 requests 401 invalid_token (-1: all of them)
+// INTEROP_EXIT_ON_STDIN_EOF=1: also exit when stdin reaches end of file (the parent died).
 // Prints one JSON line {"ready": true, "url", "port", "audience"} on stdout; exits on SIGTERM/SIGINT.
 
 import { createHash, randomBytes } from 'node:crypto';
@@ -264,3 +265,8 @@ const stop = () => {
 };
 process.on('SIGTERM', stop);
 process.on('SIGINT', stop);
+if (process.env.INTEROP_EXIT_ON_STDIN_EOF === '1') {
+  // The test runner holds our stdin open: if it dies without stopping us, we stop too.
+  process.stdin.on('end', stop);
+  process.stdin.resume();
+}

@@ -15,9 +15,13 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "configure_logging", "log_event", "logger"]
+__all__ = ["LIFECYCLE_EVENTS", "JsonFormatter", "configure_logging", "log_event", "logger"]
 
 logger = logging.getLogger("dpop_signer.service")
+# Starting, listening and stopping are always logged, whatever --log-level says: supervisors
+# and tests read the bound address from the "listening" line.
+_lifecycle = logging.getLogger("dpop_signer.service.lifecycle")
+LIFECYCLE_EVENTS = frozenset({"starting", "listening", "stopped", "exit"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -54,10 +58,12 @@ def configure_logging(level: str = "info") -> None:
         log.handlers[:] = [handler]
         log.setLevel(level.upper())
         log.propagate = False
+    _lifecycle.setLevel(logging.INFO)
     # Uvicorn's access log prints the query string, which may carry anything; we log our own.
     logging.getLogger("uvicorn.access").disabled = True
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Write one structured line: ``event`` plus ``fields`` (all safe to log)."""
-    logger.log(level, event, extra={"fields": fields})
+    target = _lifecycle if event in LIFECYCLE_EVENTS else logger
+    target.log(level, event, extra={"fields": fields})

@@ -13,8 +13,11 @@ session) and returns; the process then exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -30,6 +33,18 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._listen = listen
         self._sock = sock
+        self.stopped_by: list[int] = []
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # Uvicorn re-raises SIGTERM after its graceful shutdown, so the process would die
+            # by the signal; the shutdown was complete, so exit 0 instead (systemd: clean stop).
+            self.stopped_by = list(getattr(self, "_captured_signals", []))
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -66,4 +81,6 @@ def serve_app(
     finally:
         sock.close()
         remove_unix_socket(listen)
+    if server.stopped_by:
+        log_event("exit", signal=signal.Signals(server.stopped_by[-1]).name)
     return server.started

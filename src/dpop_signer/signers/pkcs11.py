@@ -153,6 +153,21 @@ _CKU_USER = 1
 _LOGIN = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong)
 _ONE_ARG = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_ulong)
 
+
+class _CkSessionInfo(ctypes.Structure):
+    if sys.platform == "win32":  # pragma: no cover
+        _pack_ = 1
+    _fields_ = (
+        ("slotID", ctypes.c_ulong),
+        ("state", ctypes.c_ulong),
+        ("flags", ctypes.c_ulong),
+        ("ulDeviceError", ctypes.c_ulong),
+    )
+
+
+_GET_SESSION_INFO = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_ulong, ctypes.POINTER(_CkSessionInfo))
+_CKS_USER_FUNCTIONS = frozenset({1, 3})  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
+
 _CKR_ERRORS: dict[int, type[p11x.PKCS11Error]] = {
     0x030: p11x.DeviceError,
     0x031: p11x.DeviceMemory,
@@ -181,7 +196,7 @@ def _check_rv(rv: int) -> None:
 
 
 class _Cryptoki:
-    """The three PKCS#11 calls python-pkcs11 does not expose on their own.
+    """The PKCS#11 calls python-pkcs11 does not expose on their own.
 
     python-pkcs11 logs in only inside ``Token.open(user_pin=...)``, which leaks the session
     when the PIN is wrong and fails when the application is logged in already. Calling
@@ -201,6 +216,7 @@ class _Cryptoki:
         self._login = _LOGIN(functions.C_Login)
         self._logout = _ONE_ARG(functions.C_Logout)
         self._close_all = _ONE_ARG(functions.C_CloseAllSessions)
+        self._session_info = _GET_SESSION_INFO(functions.C_GetSessionInfo)
 
     def login(self, session_handle: int, pin: str) -> None:
         """``C_Login(CKU_USER)``; raises the python-pkcs11 exception for the CKR code."""
@@ -210,6 +226,12 @@ class _Cryptoki:
     def logout(self, session_handle: int) -> None:
         """``C_Logout``; logs the whole application out of the token."""
         _check_rv(self._logout(session_handle))
+
+    def session_state(self, session_handle: int) -> int:
+        """``C_GetSessionInfo``'s state (CKS_*); raises if the session is gone."""
+        info = _CkSessionInfo()
+        _check_rv(self._session_info(session_handle, ctypes.byref(info)))
+        return int(info.state)
 
     def close_all_sessions(self, slot_id: int) -> None:
         """``C_CloseAllSessions``: every session of this application on the slot."""
@@ -461,6 +483,20 @@ class _Anchor:
             raise
         self.session = session
         self.generation += 1
+
+    def healthy(self) -> bool:
+        """Whether the session still exists and, if the token needs it, is still logged in.
+
+        Checked before a search: a search started on a dead session makes python-pkcs11 raise
+        again from a destructor, which only prints "Exception ignored" on stderr.
+        """
+        if self.session is None:
+            return False
+        try:
+            state = self.module.cryptoki.session_state(_handle(self.session))
+        except p11x.PKCS11Error:
+            return False
+        return state in _CKS_USER_FUNCTIONS or not self.login_required
 
     def reopen(self) -> None:
         """Throw the session away, find the token again, open and log in again."""
@@ -841,54 +877,74 @@ def _open_on_worker(module: Pkcs11Module, uri: Pkcs11Uri, pin: str | None) -> Pk
 
 
 def _open_key(module: Pkcs11Module, anchor: _Anchor, uri: Pkcs11Uri) -> Pkcs11Signer:
+    """`_checked_key`, recovering once if the shared session was lost since its last use."""
+    try:
+        try:
+            return _checked_key(module, anchor, uri)
+        except p11x.PKCS11Error as exc:
+            if not _recoverable(exc):
+                raise
+            logger.warning("%s: %s while opening a key; reopening once", anchor.where, _ckr(exc))
+            anchor.reopen()
+            return _checked_key(module, anchor, uri)
+    except p11x.PKCS11Error as exc:
+        what = f"key {uri.key_description} in {anchor.where}"
+        raise SignerUnavailableError(f"opening {what} failed: {_ckr(exc)}") from exc
+
+
+def _checked_key(module: Pkcs11Module, anchor: _Anchor, uri: Pkcs11Uri) -> Pkcs11Signer:
     """Find the key, check it, read its public JWK and prove the pair matches."""
     what = f"key {uri.key_description} in {anchor.where}"
+    if not anchor.healthy():
+        # Lost since its last use (or an earlier recovery failed): reopen before searching.
+        logger.warning("%s: the shared session was lost; reopening it", anchor.where)
+        anchor.reopen()
     session = anchor.session
     assert session is not None
+    key = _find_private_key(session, uri, what)
+    curve = _curve_of(bytes(key[Attribute.EC_PARAMS]))
+    if curve != "P-256":
+        raise UnsupportedKeyError(f"{what} is an EC {curve} key; ES256 needs P-256 (secp256r1)")
+    if _attribute(key, Attribute.SIGN) is False:
+        raise UnsupportedKeyError(f"{what} may not sign (CKA_SIGN is false)")
+    if _attribute(key, Attribute.SENSITIVE) is False:
+        raise UnsupportedKeyError(
+            f"{what} is not sensitive (CKA_SENSITIVE false): its private value can be read "
+            "out of the token; generate a new key with 'dpop keygen'"
+        )
+    if _attribute(key, Attribute.EXTRACTABLE):
+        logger.warning("%s is extractable (CKA_EXTRACTABLE true): it can be wrapped out", what)
+    if Mechanism.ECDSA not in anchor.mechanisms:
+        raise UnsupportedKeyError(
+            f"{anchor.where} does not offer CKM_ECDSA, which ES256 with a host-side SHA-256 needs"
+        )
+    point = _public_point(session, key, what)
+    jwk = ec_public_jwk(point)
     try:
-        key = _find_private_key(session, uri, what)
-        curve = _curve_of(bytes(key[Attribute.EC_PARAMS]))
-        if curve != "P-256":
-            raise UnsupportedKeyError(f"{what} is an EC {curve} key; ES256 needs P-256 (secp256r1)")
-        if _attribute(key, Attribute.SIGN) is False:
-            raise UnsupportedKeyError(f"{what} may not sign (CKA_SIGN is false)")
-        if _attribute(key, Attribute.SENSITIVE) is False:
-            raise UnsupportedKeyError(
-                f"{what} is not sensitive (CKA_SENSITIVE false): its private value can be read "
-                "out of the token; generate a new key with 'dpop keygen'"
-            )
-        if _attribute(key, Attribute.EXTRACTABLE):
-            logger.warning("%s is extractable (CKA_EXTRACTABLE true): it can be wrapped out", what)
-        if Mechanism.ECDSA not in anchor.mechanisms:
-            raise UnsupportedKeyError(
-                f"{anchor.where} does not offer CKM_ECDSA, which ES256 with a host-side SHA-256 "
-                "needs"
-            )
-        point = _public_point(session, key, what)
-        jwk = ec_public_jwk(point)
-        try:
-            public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
-        except ValueError as exc:
-            raise UnsupportedKeyError(f"the public point of {what} is not on P-256") from exc
-        # One signature at open proves the public key we will publish belongs to this private
-        # key (a label can pair mismatched objects) and that the token signs as we expect.
-        probe = key.sign(hashlib.sha256(_SELF_TEST_MESSAGE).digest(), mechanism=Mechanism.ECDSA)
-        check_signature(probe, source=f"PKCS#11 {what}")
-        try:
-            public.verify(
-                raw_to_der_signature(probe), _SELF_TEST_MESSAGE, ec.ECDSA(hashes.SHA256())
-            )
-        except InvalidSignature as exc:
-            raise UnsupportedKeyError(
-                f"the public key stored with {what} does not match the private key; "
-                "fix the CKA_ID/label of the token's objects"
-            ) from exc
-        label = str(_attribute(key, Attribute.LABEL) or "")
-        key_id = bytes(_attribute(key, Attribute.ID) or b"")
-    except p11x.PKCS11Error as exc:
-        raise SignerUnavailableError(f"opening {what} failed: {_ckr(exc)}") from exc
+        public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except ValueError as exc:
+        raise UnsupportedKeyError(f"the public point of {what} is not on P-256") from exc
+    # One signature at open proves the public key we will publish belongs to this private
+    # key (a label can pair mismatched objects) and that the token signs as we expect.
+    probe = key.sign(hashlib.sha256(_SELF_TEST_MESSAGE).digest(), mechanism=Mechanism.ECDSA)
+    check_signature(probe, source=f"PKCS#11 {what}")
+    try:
+        public.verify(raw_to_der_signature(probe), _SELF_TEST_MESSAGE, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature as exc:
+        raise UnsupportedKeyError(
+            f"the public key stored with {what} does not match the private key; "
+            "fix the CKA_ID/label of the token's objects"
+        ) from exc
+    label = str(_attribute(key, Attribute.LABEL) or "")
+    key_id = bytes(_attribute(key, Attribute.ID) or b"")
     return Pkcs11Signer(
-        module=module, anchor=anchor, selector=uri, key=key, jwk=jwk, label=label, key_id=key_id
+        module=module,
+        anchor=anchor,
+        selector=dataclasses.replace(uri, pin_value=None),
+        key=key,
+        jwk=jwk,
+        label=label,
+        key_id=key_id,
     )
 
 

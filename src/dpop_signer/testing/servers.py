@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import secrets
 import threading
 import time
@@ -28,7 +29,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import (
     HTMLResponse,
     JSONResponse,
@@ -97,8 +98,8 @@ class SeenProof:
 
     ``nonce`` is the nonce the proof carried if this server had issued it (the nonce the server
     expected), else ``None``. ``jkt`` is the ``cnf.jkt`` of the access token sent with it, if any.
-    ``received_at`` is the server's clock (clock skew included). ``error`` is the OAuth error
-    the server answered (``None`` when the request was accepted).
+    ``received_at`` is the server's clock (clock skew included). ``error`` and ``detail`` are
+    the OAuth error code and description the server answered (``None`` when accepted).
     """
 
     endpoint: Literal["token", "api"]
@@ -111,6 +112,7 @@ class SeenProof:
     received_at: float
     status: int
     error: str | None
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -483,10 +485,11 @@ class LocalAuthorizationServer(RecordingServer):
         proofs = request.headers.getlist("dpop")
         status: int = 500
         error: str | None = "server_error"
+        detail: str | None = None
         try:
             response = await self._token_response(request, url, proofs, now)
             status = response.status_code
-            error = _error_of(response)
+            error, detail = _error_of(response)
             return response
         finally:
             self._record(
@@ -499,6 +502,7 @@ class LocalAuthorizationServer(RecordingServer):
                 received_at=now,
                 status=status,
                 error=error,
+                detail=detail,
             )
 
     async def _token_response(
@@ -775,7 +779,9 @@ class LocalResourceServer(RecordingServer):
         """401 with an RFC 9449 §7.1 ``WWW-Authenticate: DPoP`` challenge."""
         params = []
         if error is not None:
+            # A quoted-string in a latin-1 header: no quotes, backslashes or non-ASCII.
             safe = description.replace("\\", "/").replace('"', "'")
+            safe = safe.encode("ascii", "replace").decode("ascii")
             params += [f'error="{error}"', f'error_description="{safe}"']
         params.append('algs="ES256"')
         headers = {"WWW-Authenticate": "DPoP " + ", ".join(params), **self._nonce_headers(nonce)}
@@ -797,10 +803,13 @@ class LocalResourceServer(RecordingServer):
         jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
         status: int = 500
         error: str | None = "server_error"
+        detail: str | None = None
         try:
             response = await self._api_response(request, url, proofs, scheme, token, now)
             status = response.status_code
-            error = _error_of(response)
+            error, detail = _error_of(response)
+            if status >= 400:
+                await _drain(request)
             return response
         finally:
             self._record(
@@ -813,6 +822,7 @@ class LocalResourceServer(RecordingServer):
                 received_at=now,
                 status=status,
                 error=error,
+                detail=detail,
             )
 
     async def _api_response(
@@ -898,6 +908,23 @@ class LocalResourceServer(RecordingServer):
         )
 
 
+async def _drain(request: Request, limit: int = 64 * 1024 * 1024) -> None:
+    """Read and drop an unread request body before answering an error.
+
+    A client still uploading when the server answers and closes would see a broken pipe
+    instead of the 401 (and so never learn the nonce); reading the body first lets it see the
+    answer. Bounded: past ``limit`` bytes the connection is left to be closed.
+    """
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                return
+    except (RuntimeError, ClientDisconnect):  # already consumed, or the client went away
+        return
+
+
 async def _stream_bytes(size: int) -> AsyncIterator[bytes]:
     chunk = b"x" * _STREAM_CHUNK
     remaining = size
@@ -907,18 +934,17 @@ async def _stream_bytes(size: int) -> AsyncIterator[bytes]:
         yield piece
 
 
-def _error_of(response: Response) -> str | None:
-    """The OAuth error code a response carries, for the proof record."""
+def _error_of(response: Response) -> tuple[str | None, str | None]:
+    """The OAuth error code and description a response carries, for the proof record."""
     if response.status_code < 400:
-        return None
-    challenge = response.headers.get("www-authenticate", "")
-    if 'error="' in challenge:
-        return challenge.split('error="', 1)[1].split('"', 1)[0]
-    body = bytes(response.body) if hasattr(response, "body") else b""
-    for code in (USE_DPOP_NONCE, INVALID_DPOP_PROOF, INVALID_TOKEN, INVALID_CLIENT):
-        if f'"error":"{code}"'.encode() in body:
-            return code
-    return f"http_{response.status_code}"
+        return None, None
+    try:
+        body = json.loads(bytes(getattr(response, "body", b"")))
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return body["error"], body.get("error_description")
+    return f"http_{response.status_code}", None
 
 
 @dataclass

@@ -318,6 +318,13 @@ def test_rejected_client_secret(local_servers, pem_key_path):
         result = dpop(*command, env=env)
         assert_one_line_error(result, code=1, says="invalid_client")
         assert_absent(result.both, ["not-the-secret-9", *secrets_seen(local_servers)])
+        # With -v the log of the refused exchange precedes the error, masked as well.
+        verbose = dpop(command[0], "-v", *command[1:], env=env)
+        assert verbose.code == 1
+        assert "< HTTP/1.1 401" in verbose.err
+        assert verbose.err.rstrip().splitlines()[-1].startswith("error: ")
+        assert "Traceback" not in verbose.both
+        assert_absent(verbose.both, ["not-the-secret-9", *secrets_seen(local_servers)])
 
 
 @pytest.mark.parametrize(("mode", "says"), [("bearer", "bearer"), ("error_500", "500")])

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from dpop_signer.signers.pem import PemSigner
     from dpop_signer.signers.pkcs11 import Pkcs11Signer
     from dpop_signer.tokens import AccessToken, ClientCredentialsTokenSource
+    from dpop_signer.verify import verify_proof
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,7 @@ _LAZY = {
     "generate_key": "dpop_signer.signers",
     "jwk_thumbprint": "dpop_signer.jwk",
     "load_signer": "dpop_signer.signers",
+    "verify_proof": "dpop_signer.verify",
 }
 
 __all__ = [
@@ -86,6 +88,7 @@ __all__ = [
     "generate_key",
     "jwk_thumbprint",
     "load_signer",
+    "verify_proof",
 ]
 
 

@@ -28,6 +28,9 @@ from dpop_signer.errors import (
 )
 from dpop_signer.signers.base import Signer
 from dpop_signer.testing.servers import LocalServers
+from tests import oracle
+from tests.fake_oauth import claims_of
+from tests.servers_fixtures import OracleCheck
 
 Make = Callable[..., LocalServers]
 TIMEOUT = httpx.Timeout(30.0)
@@ -36,9 +39,7 @@ TIMEOUT = httpx.Timeout(30.0)
 def auth_for(servers: LocalServers, signer: Signer, **kwargs: Any) -> DPoPAuth:
     if servers.client_secret is not None:
         kwargs.setdefault("client_secret", servers.client_secret)
-    return DPoPAuth(
-        signer, token_url=servers.token_url, client_id=servers.client_id, **kwargs
-    )
+    return DPoPAuth(signer, token_url=servers.token_url, client_id=servers.client_id, **kwargs)
 
 
 @pytest.fixture
@@ -95,8 +96,9 @@ def test_private_key_jwt_gets_a_fresh_assertion_on_the_nonce_retry(
     assert servers.authorization_server.last_token_request["auth_method"] == "private_key_jwt"
 
 
-@pytest.mark.parametrize(("side", "mode"), [(s, m) for s in ("as", "rs") for m in
-                                           ("nonce_always", "nonce_repeat")])
+@pytest.mark.parametrize(
+    ("side", "mode"), [(s, m) for s in ("as", "rs") for m in ("nonce_always", "nonce_repeat")]
+)
 def test_nonce_demands_that_cannot_be_met_end_in_an_error(
     local_servers_factory: Make, pem_signer: Signer, side: str, mode: str
 ) -> None:
@@ -192,9 +194,9 @@ def test_authorization_server_down(closed_port: int, pem_signer: Signer) -> None
 def test_slow_authorization_server_times_out_with_the_clients_timeout(
     local_servers_factory: Make, pem_signer: Signer
 ) -> None:
-    servers = local_servers_factory(as_mode="slow", slow_seconds=5.0)
+    servers = local_servers_factory(as_mode="slow", slow_seconds=1.5)
     with (
-        httpx.Client(auth=auth_for(servers, pem_signer), timeout=0.5) as client,
+        httpx.Client(auth=auth_for(servers, pem_signer), timeout=0.3) as client,
         pytest.raises(ServerUnreachableError, match="ReadTimeout"),
     ):
         client.get(f"{servers.api_url}/x")
@@ -217,7 +219,30 @@ def test_streamed_request_body_is_not_re_sent(
     assert servers.resource_server.api_requests == 1
 
 
-def test_server_clock_an_hour_ahead(local_servers_factory: Make, pem_signer: Signer) -> None:
+def _check_rejected_except_time(servers: LocalServers, oracle_check: OracleCheck) -> int:
+    # Proofs the server refused on purpose (stale iat, missing nonce) are left out of the autouse
+    # check and checked here on everything else, with the proof's own iat as "now".
+    oracle_check.exempt_where(lambda seen: seen.error is not None)
+    rejected = [seen for seen in servers.seen() if seen.error is not None]
+    for seen in rejected:
+        claims = claims_of(seen.proof)
+        oracle.check_proof(
+            seen.proof,
+            htm=seen.method,
+            url=seen.url,
+            access_token=seen.access_token,
+            nonce=claims.get("nonce"),
+            now=claims["iat"],
+            expected_jkt=seen.jkt,
+        )
+    return len(rejected)
+
+
+def test_server_clock_an_hour_ahead(
+    local_servers_factory: Make, pem_signer: Signer, oracle_check: OracleCheck
+) -> None:
+    # Like oidc-provider, the AS answers a stale proof with use_dpop_nonce; the response's Date
+    # header teaches the client the offset, so the one retry is in the server's time.
     servers = local_servers_factory(clock_skew=3600.0, require_nonce=True)
     auth = auth_for(servers, pem_signer)
     with httpx.Client(auth=auth, timeout=TIMEOUT) as client:
@@ -225,9 +250,14 @@ def test_server_clock_an_hour_ahead(local_servers_factory: Make, pem_signer: Sig
         assert client.get(f"{servers.api_url}/y").status_code == 200
     assert auth.clock_skew is not None
     assert abs(auth.proofs.clock_offset - 3600) < 2
+    assert servers.authorization_server.token_requests == 2
+    assert servers.resource_server.api_requests == 3
+    assert _check_rejected_except_time(servers, oracle_check) == 2
 
 
-def test_iat_error_names_the_skew(local_servers_factory: Make, pem_signer: Signer) -> None:
+def test_iat_error_names_the_skew(
+    local_servers_factory: Make, pem_signer: Signer, oracle_check: OracleCheck
+) -> None:
     servers = local_servers_factory(clock_skew=-3600.0)
     with (
         httpx.Client(auth=auth_for(servers, pem_signer), timeout=TIMEOUT) as client,
@@ -235,8 +265,10 @@ def test_iat_error_names_the_skew(local_servers_factory: Make, pem_signer: Signe
     ):
         client.get(f"{servers.api_url}/x")
     assert info.value.error == "invalid_dpop_proof"
+    assert _check_rejected_except_time(servers, oracle_check) == 1
 
 
+@pytest.mark.slow
 def test_threads_share_one_token_request(local_servers_factory: Make, pem_signer: Signer) -> None:
     servers = local_servers_factory(as_mode="slow", slow_seconds=0.3)
     auth = auth_for(servers, pem_signer)
@@ -260,6 +292,7 @@ def test_threads_share_one_token_request(local_servers_factory: Make, pem_signer
     assert servers.resource_server.api_requests == 800
 
 
+@pytest.mark.slow
 def test_thousand_async_tasks_share_one_token_request(
     local_servers_factory: Make, hsm_signer: Signer
 ) -> None:

@@ -646,6 +646,39 @@ def test_rs_failure_modes(local_servers: LocalServers, client: httpx.Client, key
     assert call(client, key, token, url).status_code == 200
 
 
+def test_rs_slow_mode(local_servers: LocalServers, client: httpx.Client, key: HandKey) -> None:
+    token = get_token(client, local_servers, key)
+    local_servers.resource_server.mode = "slow"
+    local_servers.resource_server.slow_seconds = 1.0
+    with httpx.Client(timeout=0.2) as impatient, pytest.raises(httpx.ReadTimeout):
+        call(impatient, key, token, local_servers.api_url + "/x")
+
+
+def test_audience_and_one_sided_nonce_switches(
+    local_servers_factory: Callable[..., LocalServers], client: httpx.Client, key: HandKey
+) -> None:
+    servers = local_servers_factory(
+        audience="https://api.example/", rs_require_nonce=True, as_require_nonce=False
+    )
+    assert servers.authorization_server.require_nonce is False
+    assert servers.resource_server.require_nonce is True
+    plain = get_token(client, servers, key)  # no nonce needed at the AS
+    url = servers.api_url + "/x"
+    demand = call(client, key, plain, url)
+    nonce = demand.headers["dpop-nonce"]
+    wrong_audience = call(client, key, plain, url, nonce=nonce)
+    assert 'error="invalid_token"' in wrong_audience.headers["www-authenticate"]
+    assert "audience" in wrong_audience.headers["www-authenticate"]
+    response = client.post(
+        servers.token_url,
+        data={**GRANT, "resource": "https://api.example/"},
+        auth=BASIC,
+        headers={"DPoP": key.proof("POST", servers.token_url)},
+    )
+    scoped = response.json()["access_token"]
+    assert call(client, key, scoped, url, nonce=nonce).status_code == 200
+
+
 def test_records_and_counters(
     local_servers: LocalServers, client: httpx.Client, key: HandKey
 ) -> None:

@@ -45,7 +45,7 @@ from dpop_signer.signers.pkcs11_uri import (
     resolve_pin,
 )
 from tests import oracle
-from tests.conftest import ROOT, SoftHsmToken
+from tests.conftest import ROOT, SoftHsmToken, require
 from tests.sigcheck import check_jwk_shape, verify_all
 
 
@@ -643,12 +643,14 @@ def sabotage(signer: Pkcs11Signer, what: str) -> None:
 
     def run() -> None:
         assert anchor.session is not None
+        cryptoki = module.cryptoki
+        assert cryptoki is not None  # SoftHSM2 shares its state with our ctypes calls
         if what == "close-session":
             anchor.session.close()
         elif what == "close-all-sessions":
-            module.cryptoki.close_all_sessions(anchor.token.slot.slot_id)
+            cryptoki.close_all_sessions(anchor.token.slot.slot_id)
         elif what == "logout":
-            module.cryptoki.logout(int(anchor.session.handle))  # type: ignore[attr-defined]
+            cryptoki.logout(int(anchor.session.handle))  # type: ignore[attr-defined]
         elif what == "finalize":
             module.lib.finalize()
 
@@ -684,7 +686,9 @@ def test_lost_session_with_a_pin_that_no_longer_works_is_not_retried(
     anchor = signer._anchor
     good = anchor._pin
     attempts = []
-    real_login = signer.module.cryptoki.login
+    cryptoki = signer.module.cryptoki
+    assert cryptoki is not None
+    real_login = cryptoki.login
 
     def counting_login(handle: int, pin: str) -> None:
         attempts.append(1)
@@ -692,7 +696,7 @@ def test_lost_session_with_a_pin_that_no_longer_works_is_not_retried(
 
     try:
         anchor._pin = "0000"  # as if the PIN had been changed while we ran
-        signer.module.cryptoki.login = counting_login  # type: ignore[method-assign,assignment]
+        cryptoki.login = counting_login  # type: ignore[method-assign,assignment]
         sabotage(signer, "close-all-sessions")
         with pytest.raises(PinError) as info:
             signer.sign(b"x")
@@ -700,7 +704,7 @@ def test_lost_session_with_a_pin_that_no_longer_works_is_not_retried(
         assert len(attempts) == 1
     finally:
         anchor._pin = good
-        del signer.module.cryptoki.login
+        del cryptoki.login
     verify_all(dict(signer.public_jwk), [(b"ok", signer.sign(b"ok"))])
 
 
@@ -715,3 +719,64 @@ def test_exported_from_the_package() -> None:
     import dpop_signer
 
     assert dpop_signer.Pkcs11Signer is Pkcs11Signer
+
+
+P11KIT_PROXY = next(
+    (
+        p
+        for p in (
+            "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so",
+            "/usr/lib/aarch64-linux-gnu/p11-kit-proxy.so",
+            "/usr/lib64/p11-kit-proxy.so",
+            "/usr/lib/p11-kit-proxy.so",
+        )
+        if os.path.exists(p)
+    ),
+    None,
+)
+
+
+def test_through_p11_kit_proxy_login_falls_back_to_python_pkcs11(
+    softhsm: SoftHsmToken, pkcs11_key_uri: str
+) -> None:
+    # p11-kit-proxy hands out a new module instance per C_GetFunctionList, so the ctypes login
+    # cannot reach python-pkcs11's instance; the backend must notice and log in another way.
+    # A fresh process: the proxy initializes SoftHSM2 itself.
+    require(
+        P11KIT_PROXY is not None, "p11-kit-proxy.so is missing (Debian: apt-get install p11-kit)"
+    )
+    label = parse_pkcs11_uri(pkcs11_key_uri).object
+    uri = f"pkcs11:token={softhsm.label};object={label}?module-path={P11KIT_PROXY}"
+    script = textwrap.dedent(
+        f"""
+        from dpop_signer import PinError
+        from dpop_signer.signers.pkcs11 import open_pkcs11_signer, pkcs11_module
+        from tests.sigcheck import verify_all
+        uri = {uri!r}
+        try:
+            open_pkcs11_signer(uri, pin="99999999")
+        except PinError as exc:
+            print("PinError", "99999999" in str(exc))
+        print("ctypes login", pkcs11_module({P11KIT_PROXY!r}).cryptoki is not None)
+        a = open_pkcs11_signer(uri, pin="1234")
+        b = open_pkcs11_signer(uri, pin="1234")
+        a.close()
+        verify_all(dict(b.public_jwk), [(b"m", b.sign(b"m"))])
+        print("jwk", b.public_jwk["x"])
+        b.close()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    with open_pkcs11_signer(pkcs11_key_uri) as direct:
+        assert done.stdout.split() == [
+            "PinError",
+            "False",
+            "ctypes",
+            "login",
+            "False",
+            "jwk",
+            direct.public_jwk["x"],
+        ]

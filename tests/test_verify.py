@@ -107,6 +107,12 @@ def test_htu_comparison_normalises_per_rfc3986(key: HandKey, claimed: str, recei
     assert verify_proof(key.proof("GET", claimed), htm="GET", htu=received)
 
 
+def test_htu_claim_is_compared_without_its_query_like_node_oidc_provider(key: HandKey) -> None:
+    # RFC 9449 §4.3 check 9 ignores query and fragment; the strict "htu carries none" rule is
+    # the oracle's job (tests/oracle.py), so sloppy third-party clients still interoperate.
+    assert verify_proof(key.proof("GET", HTU + "?a=1"), htm="GET", htu=HTU)
+
+
 def test_accepts_iat_at_the_edges_of_the_window(key: HandKey) -> None:
     now = 1_700_000_000
     verify_proof(key.proof("GET", HTU, iat=now - 300), htm="GET", htu=HTU, now=now)

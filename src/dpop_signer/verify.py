@@ -21,6 +21,7 @@ module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -168,11 +169,13 @@ def verify_proof(
     """Verify one DPoP proof against the request it came with; return its claims.
 
     Applies RFC 9449 §4.3: a well-formed compact JWS, the required claims, ``typ`` ``dpop+jwt``,
-    ``alg`` ES256, a signature that verifies with the header ``jwk``, no private key members,
-    ``htm`` equal to the method, ``htu`` equal to the request URL (query and fragment ignored,
-    RFC 3986 §6.2.2/§6.2.3 normalisation on both sides), the nonce, and ``iat`` within
-    [now - max_age, now + max_future]; with ``access_token`` the ``ath`` (§7.1), with ``jkt`` the
-    key binding (§6.1), with ``replay`` the ``jti`` (§11.1).
+    ``alg`` ES256 (the only algorithm accepted: ES384, ES512, EdDSA and RSA are refused like
+    ``none`` and HMAC, because dpop-signer signs with nothing else), a signature that verifies
+    with the header ``jwk``, no private key members, ``htm`` equal to the method, ``htu`` equal
+    to the request URL (query and fragment ignored, RFC 3986 §6.2.2/§6.2.3 normalisation on both
+    sides), the nonce, and ``iat`` within [now - max_age, now + max_future]; with
+    ``access_token`` the ``ath`` (§7.1), with ``jkt`` the key binding (§6.1), with ``replay``
+    the ``jti`` (§11.1).
 
     Args:
         proof: The value of the request's single ``DPoP`` header.
@@ -191,8 +194,9 @@ def verify_proof(
         The proof's claims.
 
     Raises:
-        VerificationError: ``error`` is ``use_dpop_nonce`` when only the nonce is missing or
-            stale, else ``invalid_dpop_proof``.
+        VerificationError: ``error`` is ``use_dpop_nonce`` when the nonce is missing or not
+            an accepted one, else ``invalid_dpop_proof`` (a key that is not the token's
+            ``cnf.jkt`` included, as Spring Security answers it).
     """
     return verify_proof_details(
         proof,
@@ -554,25 +558,44 @@ def _verify_es256(
         raise fail(
             f"key is kty {_shown(jwk.get('kty'))} crv {_shown(jwk.get('crv'))}, not EC P-256"
         )
+    x, y = jwk.get("x"), jwk.get("y")
+    if not isinstance(x, str) or not isinstance(y, str):
+        raise fail("key has no valid base64url x and y coordinates")
     try:
-        x = b64url_decode(jwk["x"])
-        y = b64url_decode(jwk["y"])
-    except (KeyError, ValueError, TypeError) as exc:
-        raise fail("key has no valid base64url x and y coordinates") from exc
-    if len(x) != COORDINATE_SIZE or len(y) != COORDINATE_SIZE:
-        raise fail(f"key coordinates are not {COORDINATE_SIZE} bytes each")
-    try:
-        public_key = ec.EllipticCurvePublicNumbers(
-            int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
-        ).public_key()
-    except ValueError as exc:
-        raise fail("key is not a point on the P-256 curve") from exc
+        public_key = _p256_public_key(x, y)
+    except _BadKey as exc:
+        raise fail(str(exc)) from exc
     if len(signature) != SIGNATURE_SIZE:
         raise fail(f"signature is {len(signature)} bytes, not the {SIGNATURE_SIZE}-byte ES256 r||s")
     try:
         public_key.verify(raw_to_der_signature(signature), signing_input, _ECDSA_SHA256)
     except InvalidSignature as exc:
         raise fail("signature does not verify with the key") from exc
+
+
+class _BadKey(ValueError):
+    pass
+
+
+@functools.lru_cache(maxsize=1024)
+def _p256_public_key(x: str, y: str) -> ec.EllipticCurvePublicKey:
+    """The P-256 key of JWK coordinates; cached, since a client sends the same key every time.
+
+    Raises:
+        _BadKey: the coordinates are not base64url, not 32 bytes, or not a point on P-256.
+    """
+    try:
+        x_bytes, y_bytes = b64url_decode(x), b64url_decode(y)
+    except ValueError as exc:
+        raise _BadKey("key has no valid base64url x and y coordinates") from exc
+    if len(x_bytes) != COORDINATE_SIZE or len(y_bytes) != COORDINATE_SIZE:
+        raise _BadKey(f"key coordinates are not {COORDINATE_SIZE} bytes each")
+    try:
+        return ec.EllipticCurvePublicNumbers(
+            int.from_bytes(x_bytes, "big"), int.from_bytes(y_bytes, "big"), ec.SECP256R1()
+        ).public_key()
+    except ValueError as exc:
+        raise _BadKey("key is not a point on the P-256 curve") from exc
 
 
 def _ath(access_token: str) -> str:

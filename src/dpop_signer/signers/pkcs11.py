@@ -165,6 +165,9 @@ class _CkSessionInfo(ctypes.Structure):
     )
 
 
+_GET_SLOT_LIST = ctypes.CFUNCTYPE(
+    _CK_RV, ctypes.c_ubyte, ctypes.POINTER(ctypes.c_ulong), ctypes.POINTER(ctypes.c_ulong)
+)
 _GET_SESSION_INFO = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_ulong, ctypes.POINTER(_CkSessionInfo))
 _CKS_USER_FUNCTIONS = frozenset({1, 3})  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
 
@@ -201,7 +204,9 @@ class _Cryptoki:
     python-pkcs11 logs in only inside ``Token.open(user_pin=...)``, which leaks the session
     when the PIN is wrong and fails when the application is logged in already. Calling
     ``C_Login`` on a session python-pkcs11 opened without a PIN avoids both. ``dlopen`` of the
-    same file returns the same loaded module, so these calls share python-pkcs11's state.
+    same file returns the same loaded module, so these calls share python-pkcs11's state; a
+    module that hands out a new instance per ``C_GetFunctionList`` (p11-kit-client.so does)
+    fails `shares_state`, and is then logged in through python-pkcs11 instead.
     """
 
     def __init__(self, path: str) -> None:
@@ -217,6 +222,13 @@ class _Cryptoki:
         self._logout = _ONE_ARG(functions.C_Logout)
         self._close_all = _ONE_ARG(functions.C_CloseAllSessions)
         self._session_info = _GET_SESSION_INFO(functions.C_GetSessionInfo)
+        self._slot_list = _GET_SLOT_LIST(functions.C_GetSlotList)
+
+    def shares_state(self) -> bool:
+        """Whether these calls reach the instance python-pkcs11 initialized."""
+        count = ctypes.c_ulong(0)
+        # CKR_CRYPTOKI_NOT_INITIALIZED here means a separate, uninitialized instance.
+        return int(self._slot_list(0, None, ctypes.byref(count))) == 0
 
     def login(self, session_handle: int, pin: str) -> None:
         """``C_Login(CKU_USER)``; raises the python-pkcs11 exception for the CKR code."""
@@ -272,9 +284,8 @@ class Pkcs11Module:
         return self._lib
 
     @property
-    def cryptoki(self) -> _Cryptoki:
-        """``C_Login``, ``C_Logout``, ``C_CloseAllSessions``; use only inside `call`."""
-        assert self._cryptoki is not None
+    def cryptoki(self) -> _Cryptoki | None:
+        """``C_Login`` and friends through ctypes (None if the module cannot share them)."""
         return self._cryptoki
 
     def call(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -287,7 +298,6 @@ class Pkcs11Module:
         hint = _yubihsm_hint(self.path)
         try:
             self._lib = pkcs11.lib(self.path)
-            self._cryptoki = _Cryptoki(self.path)
         except p11x.ArgumentsBad as exc:
             raise SignerUnavailableError(
                 f"PKCS#11 module {self.display} refused to initialize (ArgumentsBad); "
@@ -305,6 +315,12 @@ class Pkcs11Module:
                 f"PKCS#11 module {self.display} {what}; point module-path= or {MODULE_ENV} at "
                 f"the vendor's PKCS#11 library{hint}"
             ) from exc
+        try:
+            cryptoki = _Cryptoki(self.path)
+        except (OSError, AttributeError, p11x.PKCS11Error):
+            return  # python-pkcs11 loaded it; its own login path will do
+        if cryptoki.shares_state():
+            self._cryptoki = cryptoki
 
     def find_token(self, uri: Pkcs11Uri) -> pkcs11.Token:
         """The one initialized token the URI selects (worker thread only)."""
@@ -338,7 +354,16 @@ class Pkcs11Module:
 
     def acquire_anchor(self, uri: Pkcs11Uri, pin: str | None) -> _Anchor:
         """The logged-in anchor of the URI's token, with one more reference (worker only)."""
-        token = self.find_token(uri)
+        try:
+            token = self.find_token(uri)
+        except SignerUnavailableError:
+            if self._anchors:
+                raise
+            # Nothing in this process holds a session here, so starting the module again costs
+            # nothing: it lets a module whose device or server went away (p11-kit-client, a
+            # network HSM) find its tokens again. Sessions of other signers would not survive it.
+            self.reinitialize()
+            token = self.find_token(uri)
         key = (token.label, token.serial)
         anchor = self._anchors.get(key)
         if anchor is None:
@@ -473,9 +498,7 @@ class _Anchor:
             ) from exc
         try:
             if self.login_required and self._pin is not None:
-                # Login is per application: an earlier login that still holds is success.
-                with suppress(p11x.UserAlreadyLoggedIn):
-                    self.module.cryptoki.login(_handle(session), self._pin)
+                session = self._login(session, self._pin)
         except BaseException as exc:
             _close_quietly(session)
             if isinstance(exc, p11x.PKCS11Error):
@@ -483,6 +506,22 @@ class _Anchor:
             raise
         self.session = session
         self.generation += 1
+
+    def _login(self, session: pkcs11.Session, pin: str) -> pkcs11.Session:
+        """Log the application in; return the session that now holds the login."""
+        cryptoki = self.module.cryptoki
+        if cryptoki is not None:
+            # Login is per application: an earlier login that still holds is success.
+            with suppress(p11x.UserAlreadyLoggedIn):
+                cryptoki.login(_handle(session), pin)
+            return session
+        # No ctypes path for this module: python-pkcs11's own login, which needs a fresh
+        # session and leaks it if the PIN is wrong (still never retried).
+        _close_quietly(session)
+        try:
+            return self.token.open(user_pin=pin)
+        except p11x.UserAlreadyLoggedIn:
+            return self.token.open()
 
     def healthy(self) -> bool:
         """Whether the session still exists and, if the token needs it, is still logged in.
@@ -492,8 +531,11 @@ class _Anchor:
         """
         if self.session is None:
             return False
+        cryptoki = self.module.cryptoki
+        if cryptoki is None:
+            return True  # cannot ask; a failure on use still triggers the recovery
         try:
-            state = self.module.cryptoki.session_state(_handle(self.session))
+            state = cryptoki.session_state(_handle(self.session))
         except p11x.PKCS11Error:
             return False
         return state in _CKS_USER_FUNCTIONS or not self.login_required
@@ -525,11 +567,12 @@ class _Anchor:
         session, self.session = self.session, None
         if session is None:
             return
-        if self.login_required:
+        cryptoki = self.module.cryptoki
+        if self.login_required and cryptoki is not None:
             # Already logged out or gone: nothing left to release.
             with suppress(p11x.PKCS11Error):
-                self.module.cryptoki.logout(_handle(session))
-        _close_quietly(session)
+                cryptoki.logout(_handle(session))
+        _close_quietly(session)  # a python-pkcs11 login session logs out as it closes
 
 
 def _close_quietly(session: pkcs11.Session) -> None:

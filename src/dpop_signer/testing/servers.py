@@ -693,7 +693,7 @@ class LocalResourceServer(RecordingServer):
     """A resource server that requires DPoP-bound tokens from a `LocalAuthorizationServer`.
 
     ``GET|POST|PUT|PATCH|DELETE /api/<anything>`` answers ``{"ok": true, "method", "path",
-    "client_id", "jkt", "body_sha256", "body_len"}`` after checking ``Authorization: DPoP
+    "client_id", "jkt", "jti", "body_sha256", "body_len"}`` after checking ``Authorization: DPoP
     <token>`` (signature against the AS key, ``exp``, ``iss``, ``cnf.jkt``) and the ``DPoP``
     proof (RFC 9449 §4.3 against the URL as received, ``ath``, the key binding, the nonce when
     on, ``jti`` replay). ``GET /api/stream?bytes=N`` streams N bytes back. Errors are 401 with
@@ -1057,9 +1057,10 @@ def start_local_servers(
 
     Records: each server's ``.seen`` lists a `SeenProof` (endpoint, method, url as received,
     proof, access_token, nonce the server expected, jkt of the token, received_at, status,
-    error) for every ``DPoP`` header received; counters ``.token_requests`` (AS),
+    error, detail) for every ``DPoP`` header received; counters ``.token_requests`` (AS),
     ``.api_requests`` (RS), ``.statuses`` (a Counter by HTTP status), AS ``.issued_tokens`` and
-    ``.last_token_request``.
+    ``.last_token_request``; ``.clear()`` forgets them. `add_proof_listener` sees the proofs of
+    every server in the process (the test suite's oracle uses it).
 
     Raises:
         RuntimeError: a server did not start.

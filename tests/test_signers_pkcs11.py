@@ -37,7 +37,12 @@ from dpop_signer import (
     load_signer,
 )
 from dpop_signer.signers import AsyncSigner, Signer, sign_async
-from dpop_signer.signers.pkcs11 import Pkcs11Signer, generate_pkcs11_key, open_pkcs11_signer
+from dpop_signer.signers.pkcs11 import (
+    Pkcs11Signer,
+    _decode_ec_point,
+    generate_pkcs11_key,
+    open_pkcs11_signer,
+)
 from dpop_signer.signers.pkcs11_uri import (
     Pkcs11Uri,
     parse_pkcs11_uri,
@@ -95,7 +100,8 @@ def admin(signer: Pkcs11Signer, softhsm: SoftHsmToken) -> Callable[[Callable[[An
 @pytest.fixture(scope="module")
 def bad_keys(admin: Callable[[Callable[[Any], Any]], Any]) -> dict[str, str]:
     """Labels of keys the signer must refuse, made directly with python-pkcs11."""
-    labels = {name: unique(name) for name in ("rsa", "p384", "dup", "pubonly", "plain", "mixed")}
+    names = ("rsa", "p384", "dup", "pubonly", "nopub", "plain", "mixed")
+    labels = {name: unique(name) for name in names}
 
     def ec_pair(
         session: Any, curve: str, label: str, private: dict[Attribute, Any] | None = None
@@ -117,6 +123,8 @@ def bad_keys(admin: Callable[[Callable[[Any], Any]], Any]) -> dict[str, str]:
         ec_pair(session, "secp256r1", labels["dup"])
         _, private = ec_pair(session, "secp256r1", labels["pubonly"])
         private.destroy()
+        public, _ = ec_pair(session, "secp256r1", labels["nopub"])
+        public.destroy()
         ec_pair(
             session,
             "secp256r1",
@@ -236,6 +244,16 @@ def test_module_precedence_uri_environment_softhsm() -> None:
     assert resolve_module(bare, environ=env) == "/from/env.so"
     fallback = resolve_module(bare, environ={})  # the installed SoftHSM2, or a clear error
     assert fallback.endswith("libsofthsm2.so")
+
+
+def test_ec_point_accepts_wrapped_and_bare_and_refuses_compressed() -> None:
+    point = b"\x04" + bytes(range(64))
+    assert _decode_ec_point(b"\x04\x41" + point, "k") == point  # DER OCTET STRING (PKCS#11)
+    assert _decode_ec_point(point, "k") == point  # bare, as some older modules store it
+    with pytest.raises(UnsupportedKeyError, match="compressed"):
+        _decode_ec_point(b"\x04\x21\x02" + bytes(32), "k")
+    with pytest.raises(UnsupportedKeyError, match="OCTET STRING"):
+        _decode_ec_point(b"\x30\x00", "k")
 
 
 # --- the signer on a real token -----------------------------------------------------------
@@ -613,6 +631,7 @@ def test_uri_without_key_name() -> None:
         ("rsa", UnsupportedKeyError, "RSA"),
         ("p384", UnsupportedKeyError, "P-384"),
         ("pubonly", UnsupportedKeyError, "public key"),
+        ("nopub", KeyNotFoundError, "no EC public key objects"),
         ("plain", UnsupportedKeyError, "not sensitive"),
         ("mixed", UnsupportedKeyError, "does not match"),
     ],

@@ -110,6 +110,7 @@ _Flow = Generator[_Step, Any, T]
 class _Cached:
     token: AccessToken
     renew_at: float | None  # client clock; None: no expiry known, renewed only on 401
+    authorization: str  # the Authorization header value, built once per token
 
 
 class DPoPAuth(httpx.Auth):
@@ -383,8 +384,10 @@ class DPoPAuth(httpx.Auth):
                         except httpx.TransportError as exc:
                             raise self._unreachable(exc) from exc
                 elif step is _Lock.ACQUIRE:
-                    lock = self._async_lock()
-                    await lock.acquire()
+                    # Assigned only once held: a task cancelled while waiting must not release.
+                    waiting = self._async_lock()
+                    await waiting.acquire()
+                    lock = waiting
                 elif lock is not None:
                     lock.release()
                     lock = None
@@ -419,29 +422,33 @@ class DPoPAuth(httpx.Auth):
     def _request_flow(self, request: httpx.Request) -> _Flow[None]:
         # The token request gets the API request's timeouts (the client's timeout= setting).
         timeout = request.extensions.get("timeout")
-        token = yield from self._token(None, timeout)
-        nonce = self._nonces.get(request.url)
+        token = self._fresh(None)
+        if token is None:
+            token = yield from self._token(None, timeout)
+        # Normalized once: the nonce cache and the builder then hit their caches by string.
+        htu = normalize_htu(request.url)
+        nonce = self._nonces.get(htu)
         nonce_retried = renewed = False
         # Each retry spends a flag that forbids its own kind, so the third send is the last.
         for _ in range(3):
             prepared = self._proofs.prepare(
-                request.method, request.url, access_token=token.value, nonce=nonce
+                request.method, htu, access_token=token.value, nonce=nonce
             )
             signature = yield _Sign(self._signer, prepared.signing_input.encode("ascii"))
-            request.headers["Authorization"] = f"{token.scheme} {token.value}"
+            request.headers["Authorization"] = self._authorization(token)
             request.headers["DPoP"] = self._proofs.finish(prepared, signature)
             response: httpx.Response = yield _Send(request, token_request=False)
-            self._observe(request.url, response)
+            self._observe(htu, response)
             status = response.status_code
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "%s %s -> %d (jti=%s, jkt=%s)",
-                    request.method, normalize_htu(request.url), status, prepared.jti, self.jkt,
+                    request.method, htu, status, prepared.jti, self.jkt,
                 )  # fmt: skip
             if status != 401:
                 return
             error = _dpop_challenge_error(response.headers)
-            where = f"{request.method} {normalize_htu(request.url)}"
+            where = f"{request.method} {htu}"
             if error == "use_dpop_nonce":
                 if nonce_retried:
                     raise UseDPoPNonceError(
@@ -464,7 +471,7 @@ class DPoPAuth(httpx.Auth):
                 renewed = True
                 logger.info("%s answered 401 invalid_token; renewing the token once", where)
                 token = yield from self._token(token, timeout)
-                nonce = self._nonces.get(request.url)
+                nonce = self._nonces.get(htu)
             else:
                 if error == "invalid_dpop_proof":
                     logger.warning(
@@ -484,6 +491,12 @@ class DPoPAuth(httpx.Auth):
             token = yield from self._fetch_token(timeout)
         yield _Lock.RELEASE
         return token
+
+    def _authorization(self, token: AccessToken) -> str:
+        cached = self._cached
+        if cached is not None and cached.token is token:
+            return cached.authorization
+        return f"{token.scheme} {token.value}"
 
     def _fresh(self, rejected: AccessToken | None) -> AccessToken | None:
         cached = self._cached
@@ -533,7 +546,7 @@ class DPoPAuth(httpx.Auth):
             request.extensions["timeout"] = timeout
         self._token_requests += 1
         response: httpx.Response = yield _Send(request, token_request=True)
-        self._observe(request.url, response)
+        self._observe(source.htu, response)
         logger.info(
             "token request %d to %s -> %d (jti=%s, jkt=%s)",
             self._token_requests, source.htu, response.status_code, prepared.jti, self.jkt,
@@ -547,7 +560,7 @@ class DPoPAuth(httpx.Auth):
         if token.expires_at is not None:
             lifetime = token.expires_at - now
             renew_at = token.expires_at - min(self._leeway, lifetime / 2)
-        self._cached = _Cached(token, renew_at)
+        self._cached = _Cached(token, renew_at, f"{token.scheme} {token.value}")
         logger.info(
             "got a %s token (expires in %s, scope %r, jkt=%s)",
             token.token_type,
@@ -556,16 +569,27 @@ class DPoPAuth(httpx.Auth):
         )  # fmt: skip
         return token
 
-    def _observe(self, url: httpx.URL, response: httpx.Response) -> None:
-        headers = response.headers
-        self._nonces.learn(url, headers)
-        date = headers.get("date")
-        if date is not None and date != self._last_date and "age" not in headers:
+    def _observe(self, htu: str, response: httpx.Response) -> None:
+        # One pass over the raw headers: each httpx Headers lookup scans them all anyway, and
+        # this runs for every response.
+        nonce = date = None
+        cached = False
+        for key, value in response.headers.raw:
+            name = key.lower()
+            if name == b"dpop-nonce":
+                nonce = value.decode("latin-1")
+            elif name == b"date":
+                date = value.decode("latin-1")
+            elif name == b"age":
+                cached = True
+        if nonce is not None:
+            self._nonces.learn(htu, {"dpop-nonce": nonce})
+        if date is not None and date != self._last_date and not cached:
             # A cached response (Age) carries an old Date: it says nothing about the clock.
             self._last_date = date
-            self._learn_skew(url, date)
+            self._learn_skew(htu, date)
 
-    def _learn_skew(self, url: httpx.URL, date: str) -> None:
+    def _learn_skew(self, htu: str, date: str) -> None:
         try:
             server = parsedate_to_datetime(date).timestamp()
         except (TypeError, ValueError, IndexError, OverflowError):
@@ -577,7 +601,7 @@ class DPoPAuth(httpx.Auth):
         if abs(offset - self._proofs.clock_offset) >= 1.0:
             logger.info(
                 "clock offset to %s from its Date header: %+.1f s; using it for DPoP iat",
-                normalize_htu(url), offset,
+                htu, offset,
             )  # fmt: skip
         self._proofs.clock_offset = offset
 

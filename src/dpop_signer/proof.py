@@ -169,11 +169,23 @@ def origin_of(url: str | httpx.URL) -> str:
 
 
 def _htu_json(url: str | httpx.URL) -> str:
-    # The htu as a JSON string literal; json.dumps only for the rare path that needs escaping.
-    htu = normalize_htu(url)
-    if _JSON_SAFE.fullmatch(htu) is not None:
-        return f'"{htu}"'
-    return json.dumps(htu)
+    # The htu as a JSON string literal. Strings (the usual input) hit a cache: this runs for
+    # every proof, and normalizing even a cached parse costs more than the lookup.
+    if isinstance(url, str):
+        return _htu_json_of_str(url)
+    return _json_string(normalize_htu(url))
+
+
+@functools.lru_cache(maxsize=512)
+def _htu_json_of_str(url: str) -> str:
+    return _json_string(normalize_htu(url))
+
+
+def _json_string(text: str) -> str:
+    # json.dumps only for the rare value that needs escaping.
+    if _JSON_SAFE.fullmatch(text) is not None:
+        return f'"{text}"'
+    return json.dumps(text)
 
 
 def _shown(value: str | httpx.URL) -> str:

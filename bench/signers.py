@@ -4,7 +4,7 @@
 * ``Pkcs11Signer.sign`` vs python-pkcs11's ``key.sign(sha256, mechanism=ECDSA)`` on the same token
   key. With 4 threads the raw path takes a lock around each call: without one, two threads in
   SoftHSM2 corrupt memory (DESIGN.md), so "raw + lock" is the fastest safe raw baseline. Ours
-  goes through the module's single worker thread.
+  holds the module's lock the same way.
 
 Variants run in interleaved rounds (each round runs every variant once, for a fixed time), so
 drift in machine load hits all of them alike; the table shows medians and the per-round ratios.

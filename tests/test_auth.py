@@ -518,6 +518,30 @@ def test_async_tasks_share_one_token_fetch(pem_signer: Signer) -> None:
     assert fake.failures == []
 
 
+def test_a_task_cancelled_while_waiting_for_the_fetch_leaves_the_lock_sound(
+    pem_signer: Signer,
+) -> None:
+    fake = FakeOAuth(token_delay=0.2)
+    auth = make_auth(pem_signer)
+
+    async def main() -> list[int]:
+        async with aclient(fake, auth) as http:
+            first = asyncio.create_task(http.get(f"{API_URL}/1"))
+            waiting = asyncio.create_task(http.get(f"{API_URL}/2"))
+            await asyncio.sleep(0.05)  # first fetches the token, waiting waits for the lock
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            done = await first
+            auth.invalidate()  # the lock must be free for the next fetch
+            again = await asyncio.wait_for(http.get(f"{API_URL}/3"), timeout=10)
+            return [done.status_code, again.status_code]
+
+    assert asyncio.run(main()) == [200, 200]
+    assert fake.token_requests == 2
+    assert fake.failures == []
+
+
 def test_get_token_headers_and_their_async_twins(fake: FakeOAuth, pem_signer: Signer) -> None:
     auth = make_auth(pem_signer)
     # The client's own auth is this DPoPAuth: get_token must not recurse into it.

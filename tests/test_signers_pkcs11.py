@@ -1,7 +1,7 @@
 """Pkcs11Signer against a real SoftHSM2 token, plus RFC 7512 URI parsing.
 
 Bad keys (RSA, P-384, duplicate labels, public-only, not sensitive) are made with python-pkcs11
-directly, on the module's worker thread (any other thread could crash SoftHSM2), so these tests
+directly, holding the module's lock (unserialized calls could crash SoftHSM2), so these tests
 never rely on our own key generation to produce the cases it must refuse.
 """
 
@@ -81,7 +81,7 @@ def signer(pkcs11_key_uri: str) -> Iterator[Pkcs11Signer]:
 
 @pytest.fixture(scope="module")
 def admin(signer: Pkcs11Signer, softhsm: SoftHsmToken) -> Callable[[Callable[[Any], Any]], Any]:
-    """Run ``fn(rw_session)`` with plain python-pkcs11 on the module's worker thread."""
+    """Run ``fn(rw_session)`` with plain python-pkcs11 holding the module's lock."""
 
     def run(fn: Callable[[Any], Any]) -> Any:
         def body() -> Any:
@@ -343,7 +343,7 @@ def test_async_from_many_concurrent_tasks(signer: Pkcs11Signer) -> None:
     signatures, ticks = asyncio.run(main())
     messages = [b"a%d" % i for i in range(300)] + [b"b%d" % i for i in range(300)]
     verify_all(dict(signer.public_jwk), list(zip(messages, signatures, strict=True)))
-    assert ticks > 1  # the loop kept running while the worker signed
+    assert ticks > 1  # the loop kept running while the executor signed
 
 
 def test_sign_digest_enforces_32_bytes(signer: Pkcs11Signer) -> None:
@@ -656,7 +656,7 @@ def test_bad_keys_are_refused(
 
 
 def sabotage(signer: Pkcs11Signer, what: str) -> None:
-    """Break the signer's session behind its back, on the module's worker thread."""
+    """Break the signer's session behind its back, holding the module's lock."""
     module = signer.module
     anchor = signer._anchor
 

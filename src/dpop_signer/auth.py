@@ -21,7 +21,9 @@ What happens per request:
    is handled:
 
    - ``error="use_dpop_nonce"`` with a new ``DPoP-Nonce``: one retry with a fresh proof (§9);
-   - ``error="invalid_token"``: the token is renewed once and the request retried once.
+   - ``error="invalid_token"``: the token is renewed once and the request retried once;
+   - any other ``401`` (``invalid_dpop_proof`` included, logged with the measured clock
+     offset) is returned to the caller as it is.
 
    At the token endpoint a ``400 {"error": "use_dpop_nonce"}`` gets one retry too (§8). A
    server that asks again right after the retry, repeats the nonce it had issued, or sends no

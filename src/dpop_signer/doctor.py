@@ -161,8 +161,8 @@ def _pkcs11_steps(doc: Doctor, settings: Settings) -> Signer | None:
     doc.ok(steps[0], module_path)
 
     try:
-        # Through the backend's module object: every call into one module must run on its
-        # worker thread (DESIGN.md), and a second C_Initialize would fail.
+        # Through the backend's module object: every call into one module must hold its lock
+        # (DESIGN.md), and a second C_Initialize would fail.
         token = module.call(module.find_token, uri)
     except DPoPSignerError as exc:
         return _fail_chain(

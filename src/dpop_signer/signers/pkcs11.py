@@ -4,10 +4,12 @@ Works with any PKCS#11 module (network HSMs, YubiHSM 2, SoftHSM2 in CI); nothing
 SoftHSM, and no slot number is ever used. The shape of this module follows what python-pkcs11
 and SoftHSM2 were measured to do (see DESIGN.md, "Facts that shape the PKCS#11 backend"):
 
-* **One worker thread per loaded module.** python-pkcs11 initializes modules with NULL init
-  args (no locking) and releases the GIL in every call, so two threads in one module corrupt
-  memory. `Pkcs11Module` owns the module and a one-thread executor; every python-pkcs11 call for
-  that module runs there, and `sign_async` reaches it through ``run_in_executor``.
+* **One lock per loaded module.** python-pkcs11 initializes modules with NULL init args (no
+  locking) and releases the GIL in every call, so two threads in one module corrupt memory.
+  `Pkcs11Module` owns the module and a lock that every python-pkcs11 call for that module holds.
+  A lock rather than a worker thread: handing each signature to another thread cost 0.56x of raw
+  ``C_Sign`` on one caller thread here, the lock costs nothing measurable. `sign_async` reaches
+  the lock through a one-thread executor, so the event loop never blocks on a slow HSM.
 * **One logged-in anchor session per (module, token).** PKCS#11 login belongs to the
   application, not the session: closing a PIN session logs every session out, a second login
   fails, and python-pkcs11 leaks the session of a failed login. So the anchor opens a session
@@ -250,32 +252,28 @@ class _Cryptoki:
         _check_rv(self._close_all(slot_id))
 
 
-# --- the module, its worker thread, and the anchor sessions -------------------------------
+# --- the module, its lock, and the anchor sessions ----------------------------------------
 
 
 class Pkcs11Module:
-    """One loaded PKCS#11 module, the one thread allowed to call it, and its logins.
+    """One loaded PKCS#11 module, the lock that serializes calls into it, and its logins.
 
     There is exactly one per module file per process (`pkcs11_module`). Every python-pkcs11
-    call for the module goes through `call` (blocking) or `executor` (``run_in_executor``).
+    call for the module goes through `call`; async callers run `call` on `executor`.
     """
 
     def __init__(self, path: str, display: str) -> None:
-        """Create the worker; `pkcs11_module` then loads the library on it."""
+        """Create the lock and executor; `pkcs11_module` then loads the library."""
         self.path = path
         self.display = display
         self.pid = os.getpid()
         name = os.path.basename(path).removesuffix(".so")
-        self.executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"pkcs11-{name}", initializer=self._mark_worker
-        )
-        self._worker: int | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pkcs11-{name}")
+        # Reentrant: recovery and key lookup call back into `call` while holding it.
+        self._lock = threading.RLock()
         self._lib: Pkcs11Lib | None = None
         self._cryptoki: _Cryptoki | None = None
         self._anchors: dict[tuple[str, bytes], _Anchor] = {}
-
-    def _mark_worker(self) -> None:
-        self._worker = threading.get_ident()
 
     @property
     def lib(self) -> Pkcs11Lib:
@@ -289,10 +287,9 @@ class Pkcs11Module:
         return self._cryptoki
 
     def call(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn(*args)`` on the module's worker thread and return its result."""
-        if threading.get_ident() == self._worker:
+        """Run ``fn(*args)`` holding the module's lock and return its result."""
+        with self._lock:
             return fn(*args)
-        return self.executor.submit(fn, *args).result()
 
     def _load(self) -> None:
         hint = _yubihsm_hint(self.path)
@@ -323,7 +320,7 @@ class Pkcs11Module:
             self._cryptoki = cryptoki
 
     def find_token(self, uri: Pkcs11Uri) -> pkcs11.Token:
-        """The one initialized token the URI selects (worker thread only)."""
+        """The one initialized token the URI selects (module lock held)."""
         try:
             tokens = [t for t in self.lib.get_tokens() if t.flags & TokenFlag.TOKEN_INITIALIZED]
         except p11x.PKCS11Error as exc:
@@ -353,7 +350,7 @@ class Pkcs11Module:
         )
 
     def acquire_anchor(self, uri: Pkcs11Uri, pin: str | None) -> _Anchor:
-        """The logged-in anchor of the URI's token, with one more reference (worker only)."""
+        """The logged-in anchor of the URI's token, with one more reference (module lock held)."""
         try:
             token = self.find_token(uri)
         except SignerUnavailableError:
@@ -376,13 +373,13 @@ class Pkcs11Module:
         return anchor
 
     def forget(self, anchor: _Anchor) -> None:
-        """Drop a closed anchor from the registry (worker only)."""
+        """Drop a closed anchor from the registry (module lock held)."""
         key = (anchor.label, anchor.serial)
         if self._anchors.get(key) is anchor:
             del self._anchors[key]
 
     def reinitialize(self) -> None:
-        """``C_Finalize`` (if needed) and ``C_Initialize`` again (worker only)."""
+        """``C_Finalize`` (if needed) and ``C_Initialize`` again (module lock held)."""
         lib = self.lib
         if lib.initialized:
             # Someone may have finalized behind python-pkcs11's back; initialize anyway.
@@ -449,7 +446,7 @@ def _forked_error(path: str) -> SignerUnavailableError:
 class _Anchor:
     """The long-lived session that holds the application's login to one token.
 
-    Lives on the module's worker thread: every method must be called there. ``generation``
+    Used only under the module lock: every method must be called through `call`. ``generation``
     changes on every reopen, so signers know their cached key handles went stale.
     """
 
@@ -608,7 +605,7 @@ def _login_error(exc: p11x.PKCS11Error, where: str) -> DPoPSignerError:
     return SignerUnavailableError(f"login to {where} failed: {_ckr(exc)}")
 
 
-# --- key lookup and checks (worker thread) ------------------------------------------------
+# --- key lookup and checks (module lock held) ----------------------------------------
 
 
 def _find_private_key(session: pkcs11.Session, uri: Pkcs11Uri, what: str) -> SignMixin:
@@ -742,7 +739,7 @@ class Pkcs11Signer:
 
     Open it with `open_pkcs11_signer` (or `dpop_signer.load_signer`) and close it when done;
     it is a context manager. Any number of threads may call `sign` at once, and event loops
-    call `sign_async`; every call reaches the token through the module's one worker thread.
+    call `sign_async`; every call reaches the token holding the module's one lock.
 
     >>> with open_pkcs11_signer("pkcs11:token=dpop-dev;object=dpop-es256") as s:  # doctest: +SKIP
     ...     len(s.sign(b"header.claims"))
@@ -780,7 +777,7 @@ class Pkcs11Signer:
         _require_key_name(parsed)
         secret = resolve_pin(parsed, pin)
         module = pkcs11_module(resolve_module(parsed))
-        return module.call(_open_on_worker, module, parsed, secret)
+        return module.call(_open_locked, module, parsed, secret)
 
     @property
     def algorithm(self) -> str:
@@ -806,7 +803,7 @@ class Pkcs11Signer:
 
     @property
     def module(self) -> Pkcs11Module:
-        """The loaded module and its worker thread (for diagnostics and tests)."""
+        """The loaded module and its lock (for diagnostics and tests)."""
         return self._module
 
     def sign(self, message: bytes) -> bytes:
@@ -821,11 +818,13 @@ class Pkcs11Signer:
         return self._module.call(self._sign_digest, hashlib.sha256(message).digest())
 
     async def sign_async(self, message: bytes) -> bytes:
-        """Like `sign`, on the module's worker thread, so the event loop never blocks."""
+        """Like `sign`, from the module's executor thread, so the event loop never blocks."""
         self._check_open()
         digest = hashlib.sha256(message).digest()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._module.executor, self._sign_digest, digest)
+        return await loop.run_in_executor(
+            self._module.executor, self._module.call, self._sign_digest, digest
+        )
 
     def sign_digest(self, digest: bytes) -> bytes:
         """Sign a SHA-256 digest computed by the caller; 64 bytes r||s.
@@ -863,7 +862,7 @@ class Pkcs11Signer:
         if self._module.pid != os.getpid():
             raise _forked_error(self._module.display)
 
-    # Everything below runs on the module's worker thread.
+    # Everything below runs holding the module lock.
 
     def _current_key(self) -> SignMixin:
         anchor = self._anchor
@@ -910,7 +909,7 @@ def _require_key_name(uri: Pkcs11Uri) -> None:
         )
 
 
-def _open_on_worker(module: Pkcs11Module, uri: Pkcs11Uri, pin: str | None) -> Pkcs11Signer:
+def _open_locked(module: Pkcs11Module, uri: Pkcs11Uri, pin: str | None) -> Pkcs11Signer:
     anchor = module.acquire_anchor(uri, pin)
     try:
         return _open_key(module, anchor, uri)
@@ -1028,10 +1027,10 @@ def generate_pkcs11_key(uri: str, pin: str | None = None) -> Pkcs11Signer:
         raise ConfigError("generating a PKCS#11 key needs a label: add object=<label> to the URI")
     secret = resolve_pin(parsed, pin)
     module = pkcs11_module(resolve_module(parsed))
-    return module.call(_generate_on_worker, module, parsed, secret)
+    return module.call(_generate_locked, module, parsed, secret)
 
 
-def _generate_on_worker(module: Pkcs11Module, uri: Pkcs11Uri, pin: str | None) -> Pkcs11Signer:
+def _generate_locked(module: Pkcs11Module, uri: Pkcs11Uri, pin: str | None) -> Pkcs11Signer:
     anchor = module.acquire_anchor(uri, pin)
     try:
         key_id = _generate_key_pair(anchor, uri)

@@ -1,4 +1,4 @@
-"""Real ``dpop serve`` / ``dpop proxy`` processes, and a p11-kit server as a network HSM.
+"""Real ``dpop serve`` / ``dpop proxy`` processes for the service and proxy tests.
 
 Used by tests/test_service*.py and tests/test_proxy*.py.
 
@@ -10,7 +10,6 @@ The service binds port 0 and logs ``{"event": "listening", "address": "127.0.0.1
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import socket
@@ -28,11 +27,6 @@ from tests.cli_support import clean_env
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
-P11_KIT_CLIENT_CANDIDATES = (
-    "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
-    "/usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so",
-    "/usr/lib/pkcs11/p11-kit-client.so",
-)
 
 
 @dataclass
@@ -99,8 +93,9 @@ class ServiceProcess:
 
 
 def nodelay_transport() -> httpx.HTTPTransport:
-    """A transport with TCP_NODELAY: httpx writes headers and body separately, and Nagle plus
-    delayed ACKs would otherwise add 40 ms to every POST on loopback.
+    """A transport with TCP_NODELAY, as a latency-sensitive client should use.
+
+    httpx writes headers and body separately; Nagle plus delayed ACKs would add 40 ms.
     """
     return httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
@@ -163,62 +158,3 @@ def write_api_key(path: Path) -> str:
     path.write_text(key + "\n")
     path.chmod(0o600)
     return key
-
-
-def find_p11_kit_client() -> str | None:
-    for candidate in P11_KIT_CLIENT_CANDIDATES:
-        if os.path.exists(candidate):
-            return candidate
-    return None
-
-
-@dataclass
-class P11KitServer:
-    """``p11-kit server`` exporting one SoftHSM2 token on a unix socket: a "network HSM".
-
-    It forks a child per client connection, so it runs in its own process group and `kill`
-    ends the whole group: that is what an HSM appliance going away looks like to the client.
-    """
-
-    socket_path: Path
-    provider: str
-    token_label: str
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"unix:path={self.socket_path}"
-
-    def start(self) -> None:
-        if self.socket_path.exists():
-            self.socket_path.unlink()
-        self.process = subprocess.Popen(
-            [
-                "p11-kit",
-                "server",
-                "-f",
-                "-n",
-                str(self.socket_path),
-                "--provider",
-                self.provider,
-                f"pkcs11:token={self.token_label}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 10
-        while not self.socket_path.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("p11-kit server did not start")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-        if self.socket_path.exists():
-            self.socket_path.unlink()

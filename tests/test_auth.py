@@ -11,6 +11,7 @@ import base64
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,6 +122,32 @@ def test_resource_and_audience_reach_the_token_endpoint(
         http.get(f"{API_URL}/x")
     assert fake.forms[0]["resource"] == ["https://api.example/"]
     assert fake.forms[0]["audience"] == ["urn:x"]
+
+
+def test_flow_driven_by_hand_yields_the_token_request_then_the_api_request(
+    pem_signer: Signer,
+) -> None:
+    # The httpx way of unit-testing an auth flow: no client, no transport.
+    auth = make_auth(pem_signer)
+    api = httpx.Request("GET", f"{API_URL}/x?y=1")
+    flow = auth.sync_auth_flow(api)
+    token_request = next(flow)
+    assert (token_request.method, str(token_request.url)) == ("POST", TOKEN_URL)
+    oracle.check_proof(token_request.headers["dpop"], htm="POST", url=TOKEN_URL)
+    token_response = httpx.Response(
+        200, json={"access_token": "tok", "token_type": "DPoP", "expires_in": 60}
+    )
+    assert flow.send(token_response) is api
+    assert api.headers["authorization"] == "DPoP tok"
+    oracle.check_proof(
+        api.headers["dpop"],
+        htm="GET",
+        url=f"{API_URL}/x",
+        access_token="tok",
+        expected_jkt=auth.jkt,
+    )
+    with pytest.raises(StopIteration):
+        flow.send(httpx.Response(200))
 
 
 # -- nonces ------------------------------------------------------------------------------------
@@ -265,8 +292,6 @@ def test_async_invalid_token_twice(pem_signer: Signer) -> None:
 
 
 def test_token_is_renewed_before_it_expires(pem_signer: Signer) -> None:
-    import time
-
     offset = [0.0]
     fake = FakeOAuth(lifetime=20)
     auth = make_auth(pem_signer, leeway=5, clock=lambda: time.time() + offset[0])
@@ -283,8 +308,6 @@ def test_token_is_renewed_before_it_expires(pem_signer: Signer) -> None:
 
 
 def test_leeway_is_at_most_half_the_lifetime(pem_signer: Signer) -> None:
-    import time
-
     offset = [0.0]
     fake = FakeOAuth(lifetime=10)
     auth = make_auth(pem_signer, leeway=30, clock=lambda: time.time() + offset[0])

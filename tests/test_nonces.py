@@ -33,6 +33,7 @@ def test_explicit_default_port_is_the_same_origin() -> None:
     cache = NonceCache()
     cache.remember("http://api.example:80/a", "n-1")
     assert cache.get("http://api.example/b") == "n-1"
+    assert cache.get("HTTP://API.example:80/c") == "n-1"
 
 
 def test_least_recently_used_origin_is_dropped_first() -> None:

@@ -128,6 +128,8 @@ def test_clock_offset_and_injected_clock_and_jti(pem_signer: Signer) -> None:
     [
         ("https://API.Example.COM/a", "https://api.example.com/a"),
         ("HTTPS://api.example.com/a", "https://api.example.com/a"),
+        ("HTTPS://API.example.com:443/a%2Fb", "https://api.example.com/a%2Fb"),
+        ("HTTP://api.example.com:80/", "http://api.example.com/"),
         ("https://api.example.com:443/x", "https://api.example.com/x"),
         ("http://api.example.com:80/x", "http://api.example.com/x"),
         ("http://api.example.com:443/x", "http://api.example.com:443/x"),

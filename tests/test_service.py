@@ -29,14 +29,7 @@ from dpop_signer.testing.servers import LocalServers, start_local_servers
 from tests.conftest import SoftHsmToken, require
 from tests.interop_fixtures import JoseResourceServer, OidcProvider
 from tests.oracle import check_proof, thumbprint
-from tests.service_support import (
-    P11KitServer,
-    ServiceProcess,
-    find_p11_kit_client,
-    run_dpop,
-    start_service,
-    write_api_key,
-)
+from tests.service_support import ServiceProcess, run_dpop, start_service, write_api_key
 
 pytestmark = pytest.mark.softhsm
 
@@ -705,28 +698,42 @@ def private_token(softhsm: SoftHsmToken, workdir: Path) -> tuple[str, str]:
     return label, pin
 
 
+def _token_dir_root(softhsm: SoftHsmToken) -> Path:
+    for line in Path(softhsm.conf).read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() == "directories.tokendir":
+            return Path(value.strip())
+    raise AssertionError("no directories.tokendir in the SoftHSM2 config")
+
+
 @pytest.mark.slow
-def test_hsm_unavailable_gives_503_and_the_service_recovers(
-    private_token: tuple[str, str], softhsm: SoftHsmToken, tmp_path: Path
-):
-    client_module = find_p11_kit_client()
-    require(
-        client_module is not None and shutil.which("p11-kit") is not None,
-        "p11-kit and p11-kit-client.so are not installed (Debian: apt-get install p11-kit "
-        "p11-kit-modules)",
+def test_hsm_unavailable_gives_503_and_the_service_recovers(softhsm: SoftHsmToken, tmp_path: Path):
+    # The token disappears underneath the running service (softhsm2-util --delete-token from
+    # another process, as when an HSM partition or a USB token goes away) and comes back
+    # with the same key (its directory restored): a real outage of the real module.
+    util = shutil.which("softhsm2-util")
+    assert util is not None
+    root = _token_dir_root(softhsm)
+    before = set(root.iterdir())
+    label, pin = f"gone-{secrets.token_hex(4)}", secrets.token_hex(16)
+    subprocess.run(
+        [util, "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", "87654321"],
+        check=True,
+        capture_output=True,
     )
-    label, pin = private_token
-    hsm = P11KitServer(tmp_path / "p11.sock", softhsm.module, label)
-    hsm.start()
+    (token_dir,) = set(root.iterdir()) - before
+    uri = f"pkcs11:token={label};object=outage?module-path={softhsm.module}"
+    keygen = run_dpop(["keygen", "--key", uri], tmp_path / "keygen", {"DPOP_PIN": pin})
+    assert keygen.wait(60) == 0, (tmp_path / "keygen" / "stderr").read_text()
     key = write_api_key(tmp_path / "api-key")
-    uri = f"pkcs11:token={label};object=svc-es256?module-path={client_module}"
     service = start_service(
         ["serve", "--listen", "127.0.0.1:0", "--api-key-file", str(tmp_path / "api-key"),
          "--key", uri],
         tmp_path / "logs",
-        env={"DPOP_PIN": pin, "P11_KIT_SERVER_ADDRESS": hsm.address},
+        env={"DPOP_PIN": pin},
         api_key=key,
     )  # fmt: skip
+    backup = tmp_path / "token-backup"
     try:
         with service.client() as client:
             jwk = client.get("/v1/jwk").json()["jwk"]
@@ -734,17 +741,23 @@ def test_hsm_unavailable_gives_503_and_the_service_recovers(
             assert first.status_code == 200, first.text
             check_proof(first.json()["proof"], htm="GET", url=f"{ALLOWED}/up", expected_jwk=jwk)
 
-            hsm.kill()
-            down = _proof(client, htm="GET", htu=f"{ALLOWED}/down")
-            assert down.status_code == 503, down.text
-            assert down.json()["error"] == "signer_unavailable"
-            assert "unavailable" in down.json()["message"]
-            assert down.headers["retry-after"] == "1"
+            shutil.copytree(token_dir, backup)
+            subprocess.run(
+                [util, "--delete-token", "--token", label], check=True, capture_output=True
+            )
+            for _ in range(3):  # the first failure and the fast path while it stays down
+                down = _proof(client, htm="GET", htu=f"{ALLOWED}/down")
+                assert down.status_code == 503, down.text
+                assert down.json()["error"] == "signer_unavailable"
+                assert "unavailable" in down.json()["message"]
+                assert down.headers["retry-after"] == "1"
             assert client.get("/healthz").status_code == 503
-            assert client.get("/v1/jwk").status_code == 200  # the public key is still known
+            assert client.get("/v1/jwk").json()["jwk"] == jwk  # still known while down
+            time.sleep(1.1)  # one reopen attempt while the token is still gone
+            assert _proof(client, htm="GET", htu=f"{ALLOWED}/down").status_code == 503
             assert service.alive()
 
-            hsm.start()
+            shutil.copytree(backup, token_dir)
             deadline = time.monotonic() + 15
             back = down
             while time.monotonic() < deadline:
@@ -752,7 +765,7 @@ def test_hsm_unavailable_gives_503_and_the_service_recovers(
                 if back.status_code == 200:
                     break
                 assert back.status_code == 503, back.text
-                time.sleep(0.25)
+                time.sleep(0.2)
             assert back.status_code == 200, service.logs()[-3000:]
             check_proof(back.json()["proof"], htm="GET", url=f"{ALLOWED}/back", expected_jwk=jwk)
             assert client.get("/healthz").json()["signer"] == "available"
@@ -761,8 +774,9 @@ def test_hsm_unavailable_gives_503_and_the_service_recovers(
         assert "signer_recovered" in events
         assert pin not in service.logs()
     finally:
-        service.stop()
-        hsm.kill()
+        assert service.stop() == 0
+        if not token_dir.exists() and backup.exists():
+            shutil.copytree(backup, token_dir)
 
 
 # -- nothing secret in any log line ---------------------------------------------------------

@@ -131,8 +131,11 @@ def _parts_of(url: httpx.URL, shown: str | httpx.URL) -> _UrlParts:
         raise ProofError(f"htu {_shown(shown)} has no host")
     if ":" in host:
         host = f"[{host}]"  # RFC 3986 §3.2.2: an IPv6 literal is written in brackets
-    # httpx already maps an explicit default port (:443 for https, :80 for http) to None.
-    return _UrlParts(scheme, host, url.port, url.raw_path.partition(b"?")[0] or b"/")
+    port = url.port
+    if port == _DEFAULT_PORTS[scheme]:
+        # httpx drops an explicit default port itself, but not when the scheme was upper case.
+        port = None
+    return _UrlParts(scheme, host, port, url.raw_path.partition(b"?")[0] or b"/")
 
 
 def normalize_htu(url: str | httpx.URL) -> str:

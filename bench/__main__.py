@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each name is a module bench/<name>.py with a ``main(argv: list[str]) -> int``.
-BENCHMARKS = ("signers", "client")
+BENCHMARKS = ("signers", "client", "service")
 
 
 def run(argv: list[str]) -> int:

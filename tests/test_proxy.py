@@ -7,19 +7,24 @@ it read, and streams bodies back from ``/api/stream``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from dpop_signer.testing.servers import LocalServers, start_local_servers
 from tests.conftest import SoftHsmToken
+from tests.interop_fixtures import JoseResourceServer, OidcProvider
+from tests.oracle import check_proof
 from tests.service_support import ServiceProcess, nodelay_transport, start_service, write_api_key
 
 pytestmark = pytest.mark.softhsm
@@ -182,6 +187,13 @@ def test_the_proxy_needs_its_api_key(proxy: ServiceProcess):
         assert anonymous.get("/api/x").status_code == 407
 
 
+def test_requests_for_other_host_names_are_refused(proxy: ServiceProcess):
+    with _client(proxy) as client:
+        response = client.get("/api/x", headers={"Host": "rebound.example"})
+    assert response.status_code == 421
+    assert response.json()["error"] == "misdirected_request"
+
+
 def test_a_body_beyond_the_replay_limit_cannot_be_retried_but_the_next_try_works(
     start_proxy: ProxyFactory, reset: LocalServers
 ):
@@ -259,3 +271,55 @@ def test_no_token_proof_api_key_or_secret_in_the_proxy_log(
     assert len(lines) == 3
     assert all(len(line["jti"]) >= 16 for line in lines)
     assert not Path(proxy.log_dir / "stdout").read_text()
+
+
+@pytest.mark.interop
+def test_through_the_proxy_to_the_jose_rs_with_oidc_provider_tokens(
+    oidc_provider: Any,
+    jose_rs: JoseResourceServer,
+    key_ref: str,
+    softhsm: SoftHsmToken,
+    tmp_path: Path,
+):
+    # Independent servers on both sides, each demanding nonces; the RS revokes the first
+    # token it sees (401 invalid_token), which forces one renewal inside the proxy.
+    provider: OidcProvider = oidc_provider(require_nonce=True)
+    jose_rs.configure(require_nonce=True, invalid_token=1)
+    client_id, client_secret = provider.basic_client
+    (tmp_path / "secret").write_text(client_secret)
+    key = write_api_key(tmp_path / "api-key")
+    proxy = start_service(
+        ["proxy", "--upstream", jose_rs.url, "--listen", "127.0.0.1:0",
+         "--api-key-file", str(tmp_path / "api-key"), "--key", key_ref,
+         "--token-url", provider.token_url, "--client-id", client_id,
+         "--client-secret-file", str(tmp_path / "secret"),
+         "--resource", jose_rs.url, "--scope", "api:read"],
+        tmp_path / "logs",
+        env={"DPOP_PIN": softhsm.pin},
+        api_key=key,
+    )  # fmt: skip
+    try:
+        payload = os.urandom(256 * 1024)
+        with _client(proxy) as client:
+            response = client.post("/things/a%2Fb?x=1", content=payload)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["body_length"] == len(payload)
+            expected = base64.urlsafe_b64encode(hashlib.sha256(payload).digest()).rstrip(b"=")
+            assert body["body_sha256"] == expected.decode()
+            assert body["client_id"] == client_id
+        seen = jose_rs.seen()
+        assert [entry["status"] for entry in seen][-1] == 200
+        assert len({entry["access_token"] for entry in seen}) == 2  # renewed once
+        for entry in seen:
+            part = entry["proof"].split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+            check_proof(
+                entry["proof"],
+                htm=entry["method"],
+                url=entry["url"],
+                access_token=entry["access_token"],
+                nonce=claims.get("nonce"),
+            )
+    finally:
+        assert proxy.stop() == 0

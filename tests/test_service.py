@@ -230,6 +230,33 @@ def test_headers_are_accepted_by_the_local_resource_server(
     assert servers.authorization_server.token_requests - before <= 1
 
 
+def test_concurrent_header_requests_share_one_token_request(
+    svc_factory: Any, servers: LocalServers, tmp_path: Path
+):
+    (tmp_path / "secret").write_text(str(servers.client_secret))
+    fresh = svc_factory(
+        "--token-url", servers.token_url, "--client-id", servers.client_id,
+        "--client-secret-file", str(tmp_path / "secret"),
+    )  # fmt: skip
+    before = servers.authorization_server.token_requests
+    url = f"{servers.api_url}/single"
+    answers: list[httpx.Response] = []
+
+    def call() -> None:
+        with fresh.client() as client:
+            answers.append(client.post("/v1/headers", json={"htm": "GET", "htu": url}))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [a.status_code for a in answers] == [200] * 8
+    tokens = {a.json()["headers"]["Authorization"] for a in answers}
+    assert len(tokens) == 1  # one token, fetched once (single flight)
+    assert servers.authorization_server.token_requests - before == 1
+
+
 def made_jkt(svc: ServiceProcess) -> str:
     with svc.client() as client:
         return str(client.get("/v1/jwk").json()["jkt"])
@@ -423,6 +450,20 @@ def test_oversized_bodies_get_413_with_and_without_content_length(svc: ServicePr
         assert client.post("/v1/proof", content=chunks()).status_code == 413
         # The connection and the service are fine afterwards.
         assert _proof(client, htm="GET", htu=f"{ALLOWED}/after").status_code == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8787", "127.0.0.1.nip.io"])
+def test_requests_for_other_host_names_are_refused(svc: ServiceProcess, host: str):
+    # DNS rebinding: a web page whose name resolves to 127.0.0.1 still sends its own Host.
+    with svc.client(headers={"Host": host}) as client:
+        for response in (
+            client.get("/healthz"),
+            client.post("/v1/proof", json={"htm": "GET", "htu": f"{ALLOWED}/x"}),
+        ):
+            assert response.status_code == 421
+            assert response.json()["error"] == "misdirected_request"
+    with svc.client(headers={"Host": "localhost"}) as client:
+        assert client.get("/healthz").status_code == 200
 
 
 def test_wrong_methods_and_paths_get_4xx(svc: ServiceProcess):
@@ -706,7 +747,6 @@ def _token_dir_root(softhsm: SoftHsmToken) -> Path:
     raise AssertionError("no directories.tokendir in the SoftHSM2 config")
 
 
-@pytest.mark.slow
 def test_hsm_unavailable_gives_503_and_the_service_recovers(softhsm: SoftHsmToken, tmp_path: Path):
     # The token disappears underneath the running service (softhsm2-util --delete-token from
     # another process, as when an HSM partition or a USB token goes away) and comes back

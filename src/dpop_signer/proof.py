@@ -61,13 +61,46 @@ _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def _b64url(data: bytes) -> str:
-    # base64.urlsafe_b64encode minus two layers of Python calls: three of these per proof.
+    # base64.urlsafe_b64encode minus two layers of Python calls.
     return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
 
+def _b64url_bytes(data: bytes) -> bytes:
+    # The proof is assembled as bytes (what the signer needs) and decoded to str once.
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
+
+
+_JTI_BYTES = 16
+_JTI_BATCH = 64
+_jti_pool: list[str] = []
+if hasattr(os, "register_at_fork"):
+    # A child must not hand out the jtis its parent may also hand out: start it empty.
+    os.register_at_fork(after_in_child=_jti_pool.clear)
+
+
 def default_jti() -> str:
-    """128 random bits, base64url (22 characters): above the 96 bits RFC 9449 §4.2 asks for."""
-    return _b64url(os.urandom(16))
+    """128 random bits, base64url (22 characters): above the 96 bits RFC 9449 §4.2 asks for.
+
+    The bits come from `os.urandom` in batches of 64 (one system call instead of 64, ~0.35 µs
+    saved per proof); each jti is popped from the batch exactly once (``list.pop`` is atomic),
+    so no two proofs share one, and a forked child starts with an empty batch.
+    """
+    try:
+        return _jti_pool.pop()
+    except IndexError:
+        return _refill_jtis()
+
+
+def _refill_jtis() -> str:
+    raw = os.urandom(_JTI_BYTES * _JTI_BATCH)
+    b2a = binascii.b2a_base64
+    jtis = [
+        b2a(raw[i : i + _JTI_BYTES], newline=False).translate(_URLSAFE).rstrip(b"=").decode()
+        for i in range(0, len(raw), _JTI_BYTES)
+    ]
+    jti = jtis.pop()
+    _jti_pool.extend(jtis)
+    return jti
 
 
 def is_nonce(value: object) -> bool:
@@ -246,7 +279,9 @@ class DPoPProofBuilder:
         self.clock_offset = clock_offset
         jwk = dict(signer.public_jwk)
         header = {"typ": "dpop+jwt", "alg": signer.algorithm, "jwk": jwk}
-        self._prefix = _b64url(json.dumps(header, separators=(",", ":")).encode("utf-8")) + "."
+        self._prefix = (
+            _b64url_bytes(json.dumps(header, separators=(",", ":")).encode("utf-8")) + b"."
+        )
         self._jkt = jwk_thumbprint(jwk)
         self._source = f"signer {type(signer).__name__}"
         # One-entry cache: a client sends the same access token for many requests in a row.
@@ -265,7 +300,7 @@ class DPoPProofBuilder:
     @property
     def header_segment(self) -> str:
         """The encoded protected header, the same for every proof of this builder."""
-        return self._prefix[:-1]
+        return self._prefix[:-1].decode("ascii")
 
     def build(
         self,
@@ -288,11 +323,11 @@ class DPoPProofBuilder:
             ProofError: ``htm``, ``htu``, ``access_token`` or ``nonce`` is malformed.
             SignerError: the signer failed.
         """
-        signing_input = self._signing_input(htm, htu, access_token, nonce, self._jti())
-        signature = self._signer.sign(signing_input.encode("ascii"))
+        message = self._message(htm, htu, access_token, nonce, self._jti())
+        signature = self._signer.sign(message)
         if len(signature) != SIGNATURE_SIZE:
             check_signature(signature, source=self._source)
-        return f"{signing_input}.{_b64url(signature)}"
+        return b".".join((message, _b64url_bytes(signature))).decode("ascii")
 
     async def build_async(
         self,
@@ -303,9 +338,11 @@ class DPoPProofBuilder:
         nonce: str | None = None,
     ) -> str:
         """Like `build`, signing through the signer's async path (`signers.sign_async`)."""
-        signing_input = self._signing_input(htm, htu, access_token, nonce, self._jti())
-        signature = await sign_async(self._signer, signing_input.encode("ascii"))
-        return compact_jws(signing_input, signature, source=self._source)
+        message = self._message(htm, htu, access_token, nonce, self._jti())
+        signature = await sign_async(self._signer, message)
+        if len(signature) != SIGNATURE_SIZE:
+            check_signature(signature, source=self._source)
+        return b".".join((message, _b64url_bytes(signature))).decode("ascii")
 
     def prepare(
         self,
@@ -321,50 +358,58 @@ class DPoPProofBuilder:
         `finish`.
         """
         jti = self._jti()
-        return PreparedProof(self._signing_input(htm, htu, access_token, nonce, jti), jti)
+        message = self._message(htm, htu, access_token, nonce, jti)
+        return PreparedProof(message.decode("ascii"), jti)
 
     def finish(self, prepared: PreparedProof, signature: bytes) -> str:
         """Attach the signature of ``prepared.signing_input``; returns the compact proof."""
         return compact_jws(prepared.signing_input, signature, source=self._source)
 
-    def _signing_input(
+    def _message(
         self,
         htm: str,
         htu: str | httpx.URL,
         access_token: str | None,
         nonce: str | None,
         jti: str,
-    ) -> str:
-        if not isinstance(htm, str) or (
-            htm not in _COMMON_METHODS and _TOKEN.fullmatch(htm) is None
+    ) -> bytes:
+        # The signing input as ASCII bytes: b64url(header) "." b64url(claims). This runs once
+        # per proof, so the common cases (a common method, a str URL seen before, the default
+        # jti, the same token as last time) take the shortest path.
+        if (type(htm) is not str or htm not in _COMMON_METHODS) and (
+            not isinstance(htm, str) or _TOKEN.fullmatch(htm) is None
         ):
             raise ProofError(
                 f"htm {htm!r} is not an HTTP method (an RFC 9110 token such as GET or POST)"
             )
         if self._jti_is_base64url:
-            jti_json = f'"{jti}"'
+            jti_json = jti
         elif isinstance(jti, str) and jti:
-            jti_json = json.dumps(jti)
+            jti_json = json.dumps(jti)[1:-1]
         else:
             raise ProofError("the jti source returned an empty or non-string jti")
-        claims = (
-            f'{{"jti":{jti_json},"htm":"{htm}","htu":{_htu_json(htu)},'
-            f'"iat":{int(self._clock() + self.clock_offset)}'
-        )
-        if access_token is not None:
+        htu_json = _htu_json_of_str(htu) if type(htu) is str else _htu_json(htu)
+        iat = int(self._clock() + self.clock_offset)
+        if access_token is None:
+            claims = f'{{"jti":"{jti_json}","htm":"{htm}","htu":{htu_json},"iat":{iat}'
+        else:
             cached_token, ath = self._ath_cache
             if access_token != cached_token:
                 ath = access_token_hash(access_token)
                 self._ath_cache = (access_token, ath)
-            claims += f',"ath":"{ath}"'
-        if nonce is not None:
-            if not is_nonce(nonce):
-                raise ProofError(
-                    "nonce is not a valid DPoP nonce (RFC 9449 §8.1: 1*NQCHAR, printable ASCII "
-                    "without space, quote or backslash)"
-                )
-            claims += f',"nonce":"{nonce}"'
-        return self._prefix + _b64url(claims.encode("ascii") + b"}")
+            claims = (
+                f'{{"jti":"{jti_json}","htm":"{htm}","htu":{htu_json},"iat":{iat},"ath":"{ath}"'
+            )
+        if nonce is None:
+            claims += "}"
+        elif is_nonce(nonce):
+            claims += f',"nonce":"{nonce}"}}'
+        else:
+            raise ProofError(
+                "nonce is not a valid DPoP nonce (RFC 9449 §8.1: 1*NQCHAR, printable ASCII "
+                "without space, quote or backslash)"
+            )
+        return self._prefix + _b64url_bytes(claims.encode("ascii"))
 
     def __repr__(self) -> str:
         return f"DPoPProofBuilder(jkt={self._jkt!r}, clock_offset={self.clock_offset:+.1f})"

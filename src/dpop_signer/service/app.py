@@ -25,7 +25,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -40,6 +40,7 @@ from dpop_signer.jwk import jwk_thumbprint
 from dpop_signer.proof import normalize_htu, origin_of
 from dpop_signer.service.http import (
     ApiError,
+    LoopbackHostMiddleware,
     RequestLogMiddleware,
     caller_of,
     claims_of,
@@ -50,6 +51,10 @@ from dpop_signer.service.logs import log_event
 from dpop_signer.service.metrics import CONTENT_TYPE, Metrics
 from dpop_signer.service.security import ApiKeys
 from dpop_signer.service.signer import ServiceSigner
+
+if TYPE_CHECKING:
+    from dpop_signer.auth import DPoPAuth
+    from dpop_signer.proof import DPoPProofBuilder
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -194,17 +199,20 @@ class ServiceState:
         metrics: counters shown at ``/metrics``.
         http: the long-lived client for the token endpoint, opened at startup.
         make_client: builds ``http``; tests may swap transports through it.
+        loopback_only: refuse requests whose ``Host`` is not a loopback name (TCP without
+            ``--allow-remote``: DNS rebinding).
     """
 
     signer: ServiceSigner
-    proofs: Any
-    auth: Any = None
+    proofs: DPoPProofBuilder
+    auth: DPoPAuth | None = None
     api_keys: ApiKeys | None = None
     allowed_origins: frozenset[str] = frozenset()
     max_body: int = DEFAULT_MAX_BODY
     metrics: Metrics = field(default_factory=Metrics)
     http: httpx.AsyncClient | None = None
     make_client: Callable[[], httpx.AsyncClient] | None = None
+    loopback_only: bool = False
 
 
 class _Handlers:
@@ -272,16 +280,23 @@ class _Handlers:
                 f"not for {origin}",
             )
 
-    def _audit(self, request: Request, key: int | None, endpoint: str, proof: str) -> None:
-        claims = claims_of(proof)
+    def _audit(
+        self,
+        request: Request,
+        key: int | None,
+        endpoint: str,
+        htm: object,
+        htu: object,
+        jti: object,
+    ) -> None:
         log_event(
             "proof",
             caller=caller_of(request),
             api_key=key,
             endpoint=endpoint,
-            htm=claims.get("htm"),
-            htu=claims.get("htu"),
-            jti=claims.get("jti"),
+            htm=htm,
+            htu=htu,
+            jti=jti,
             jkt=self.jkt,
         )
         self.state.metrics.proofs[endpoint] += 1
@@ -304,10 +319,15 @@ class _Handlers:
         key = self._authenticate(request)
         body: ProofRequest = await self._read_json(request, ProofRequest)
         self._check_origin(body.htu)
-        proof = await self.state.proofs.build_async(
+        # prepare/sign/finish rather than build_async: the jti comes back for the audit line,
+        # and the service's own signer is called directly (no Protocol isinstance per proof).
+        proofs = self.state.proofs
+        prepared = proofs.prepare(
             body.htm, body.htu, access_token=body.access_token, nonce=body.nonce
         )
-        self._audit(request, key, "proof", proof)
+        signature = await self.state.signer.sign_async(prepared.signing_input.encode("ascii"))
+        proof = proofs.finish(prepared, signature)
+        self._audit(request, key, "proof", body.htm, normalize_htu(body.htu), prepared.jti)
         return JSONResponse({"proof": proof})
 
     async def headers(self, request: Request) -> Response:
@@ -325,7 +345,10 @@ class _Handlers:
         if body.nonce is not None:
             auth.nonces.remember(body.htu, body.nonce)
         headers: dict[str, str] = await auth.aheaders(self.state.http, body.htm, body.htu)
-        self._audit(request, key, "headers", headers.get("DPoP", ""))
+        claims = claims_of(headers.get("DPoP", ""))
+        self._audit(
+            request, key, "headers", claims.get("htm"), claims.get("htu"), claims.get("jti")
+        )
         return JSONResponse({"headers": headers})
 
     async def metrics(self, request: Request) -> Response:
@@ -406,6 +429,8 @@ def create_signer_app(state: ServiceState) -> Starlette:
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )
+    if state.loopback_only:
+        app.add_middleware(LoopbackHostMiddleware, metrics=metrics)
     app.add_middleware(RequestLogMiddleware)
     return app
 

@@ -16,7 +16,7 @@ The safety rules, checked before anything listens:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -28,6 +28,10 @@ from dpop_signer.cli_options import (
 )
 from dpop_signer.config import Settings, build_auth, build_signer
 from dpop_signer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dpop_signer.service.metrics import Metrics
+    from dpop_signer.service.security import ApiKeys, Listen
 
 __all__ = ["proxy", "serve"]
 
@@ -68,7 +72,7 @@ _log_level_option = click.option(
 
 def _prepare(
     ctx: click.Context, default_listen: str, allow_unauthenticated: bool, log_level: str
-) -> tuple[Settings, Any, Any, Any]:
+) -> tuple[Settings, Listen, ApiKeys | None]:
     from dpop_signer.service.logs import configure_logging
     from dpop_signer.service.security import ApiKeys, parse_listen
 
@@ -90,10 +94,10 @@ def _prepare(
                 "--allow-unauthenticated to accept that risk"
             )
     configure_logging(log_level)
-    return settings, listen, api_keys, settings.allow_remote
+    return settings, listen, api_keys
 
 
-def _token_counter(settings: Settings, metrics: Any) -> Callable[[Any], Any]:
+def _token_counter(settings: Settings, metrics: Metrics) -> Callable[[Any], Any]:
     import httpx
 
     token_url = httpx.URL(settings.token_url) if settings.token_url else None
@@ -151,9 +155,7 @@ def serve(ctx: click.Context, /, allow_unauthenticated: bool, log_level: str, **
     from dpop_signer.service.security import bind_listener, parse_origins
     from dpop_signer.service.signer import ServiceSigner
 
-    settings, listen, api_keys, _remote = _prepare(
-        ctx, DEFAULT_LISTEN, allow_unauthenticated, log_level
-    )
+    settings, listen, api_keys = _prepare(ctx, DEFAULT_LISTEN, allow_unauthenticated, log_level)
     origins = parse_origins(settings.allow_origin)
     metrics = Metrics()
     auth = None
@@ -174,6 +176,7 @@ def serve(ctx: click.Context, /, allow_unauthenticated: bool, log_level: str, **
             make_client=lambda: httpx.AsyncClient(
                 timeout=settings.timeout, event_hooks={"response": [hook]}
             ),
+            loopback_only=not listen.is_unix and not settings.allow_remote,
         )
         sock = bind_listener(listen)
     except BaseException:
@@ -244,7 +247,7 @@ def proxy(
     from dpop_signer.service.security import bind_listener
     from dpop_signer.service.signer import ServiceSigner
 
-    settings, listen, api_keys, _remote = _prepare(
+    settings, listen, api_keys = _prepare(
         ctx, DEFAULT_PROXY_LISTEN, allow_unauthenticated, log_level
     )
     settings.require("upstream", "token_url", "client_id")
@@ -273,7 +276,7 @@ def proxy(
         signer.close()
         raise
     started = serve_app(
-        create_proxy_app(state),
+        create_proxy_app(state, loopback_only=not listen.is_unix and not settings.allow_remote),
         listen,
         sock,
         mode="proxy",

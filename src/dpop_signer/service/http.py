@@ -32,6 +32,7 @@ from dpop_signer.service.metrics import Metrics
 
 __all__ = [
     "ApiError",
+    "LoopbackHostMiddleware",
     "RequestLogMiddleware",
     "caller_of",
     "claims_of",
@@ -106,6 +107,60 @@ def caller_of(request: Request) -> str:
     if client is None or not client.host:
         return "unix"
     return f"{client.host}:{client.port}"
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+class LoopbackHostMiddleware:
+    """Answer 421 to a request whose ``Host`` is not a loopback name or address.
+
+    A web page can reach a loopback port through DNS rebinding: its own name resolves to
+    127.0.0.1 and the browser calls the service "same-origin", JSON and all. The ``Host``
+    header still carries the page's name, so a loopback-only service refuses it (RFC 9110
+    §7.4, §15.5.20). Not installed with ``--allow-remote`` or on a unix socket.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check ``Host``, then pass the request on."""
+        if scope["type"] == "http" and not _loopback_host(scope):
+            self.metrics.errors["misdirected_request"] += 1
+            body = json.dumps(
+                {
+                    "error": "misdirected_request",
+                    "message": "this service answers only requests addressed to localhost, "
+                    "127.0.0.1 or [::1]",
+                }
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 421,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def _loopback_host(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value.decode("latin-1").strip().lower()
+            if host.startswith("["):
+                host = host[: host.find("]") + 1]
+            else:
+                host = host.rpartition(":")[0] if ":" in host else host
+            return host in _LOOPBACK_NAMES
+    return False  # HTTP/1.1 requires Host (RFC 9112 §3.2); h11 refuses a request without it
 
 
 class RequestLogMiddleware:

@@ -30,10 +30,10 @@ from typing import Any
 
 import httpx
 from starlette.requests import Request
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dpop_signer.errors import DPoPSignerError
-from dpop_signer.service.http import ApiError, claims_of, error_for
+from dpop_signer.service.http import ApiError, LoopbackHostMiddleware, claims_of, error_for
 from dpop_signer.service.logs import log_event
 from dpop_signer.service.metrics import Metrics
 from dpop_signer.service.security import ApiKeys
@@ -321,6 +321,11 @@ async def _send_error(send: Send, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def create_proxy_app(state: ProxyState) -> ProxyApp:
-    """The ``dpop proxy`` application for ``state``."""
-    return ProxyApp(state)
+def create_proxy_app(state: ProxyState, *, loopback_only: bool = False) -> ASGIApp:
+    """The ``dpop proxy`` application for ``state``.
+
+    With ``loopback_only``, requests whose ``Host`` is not a loopback name get 421 (DNS
+    rebinding; see `LoopbackHostMiddleware`).
+    """
+    app = ProxyApp(state)
+    return LoopbackHostMiddleware(app, state.metrics) if loopback_only else app

@@ -111,8 +111,14 @@ class ServiceSigner:
                         None, self._reopen_blocking
                     )
         started = time.perf_counter()
+        own_async = getattr(inner, "sign_async", None)
         try:
-            signature = await sign_async(inner, message)
+            # getattr, not sign_async(): isinstance() against a runtime-checkable Protocol
+            # costs ~25 µs, a third of a SoftHSM2 signature, on every proof.
+            if own_async is not None:
+                signature: bytes = await own_async(message)
+            else:
+                signature = await sign_async(inner, message)
         except (SignerUnavailableError, SigningFailedError) as exc:
             self._drop(inner, exc)
             raise

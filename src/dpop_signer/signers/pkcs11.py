@@ -64,7 +64,7 @@ from dpop_signer.errors import (
     SigningFailedError,
     UnsupportedKeyError,
 )
-from dpop_signer.jwk import EcPublicJwk, ec_public_jwk, raw_to_der_signature
+from dpop_signer.jwk import SIGNATURE_SIZE, EcPublicJwk, ec_public_jwk, raw_to_der_signature
 from dpop_signer.signers.base import ALGORITHM, check_signature
 from dpop_signer.signers.pkcs11_uri import (
     MODULE_ENV,
@@ -90,6 +90,7 @@ logger = logging.getLogger("dpop_signer.pkcs11")
 _T = TypeVar("_T")
 
 _DIGEST_SIZE = 32
+_CKM_ECDSA = Mechanism.ECDSA  # a module constant: no enum attribute lookup per signature
 _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 _SELF_TEST_MESSAGE = b"dpop-signer: does the private key match the public key?"
 
@@ -404,6 +405,19 @@ def _token_selector(uri: Pkcs11Uri) -> str:
 
 _MODULES: dict[str, Pkcs11Module] = {}
 _MODULES_LOCK = threading.Lock()
+
+_pid = os.getpid()
+"""This process's id, kept current by a fork hook: `Pkcs11Signer.sign` compares it per call
+without the ``getpid`` system call."""
+
+
+def _after_fork_in_child() -> None:
+    global _pid  # one int, written only in a freshly forked child
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def pkcs11_module(path: str) -> Pkcs11Module:
@@ -759,6 +773,7 @@ class Pkcs11Signer:
     ) -> None:
         """Wrap an opened, checked key; use `open_pkcs11_signer` instead."""
         self._module = module
+        self._module_lock = module._lock
         self._anchor = anchor
         self._selector = selector
         self._key = key
@@ -814,8 +829,12 @@ class Pkcs11Signer:
             PinError: logging in again after a lost session failed on the PIN (never retried).
             SigningFailedError: the token refused to sign or returned a malformed signature.
         """
-        self._check_open()
-        return self._module.call(self._sign_digest, hashlib.sha256(message).digest())
+        if self._closed or self._module.pid != _pid:
+            self._check_open()
+        digest = hashlib.sha256(message).digest()
+        # Pkcs11Module.call inlined: one Python frame less per signature on the hot path.
+        with self._module_lock:
+            return self._sign_digest(digest)
 
     async def sign_async(self, message: bytes) -> bytes:
         """Like `sign`, from the module's executor thread, so the event loop never blocks."""
@@ -881,13 +900,21 @@ class Pkcs11Signer:
                 f"{self._source} was given a {len(digest)}-byte digest; ES256 signs a 32-byte "
                 "SHA-256 digest"
             )
+        anchor = self._anchor
+        # The usual case inline (session open, key handle current); else `_current_key`.
+        if anchor.session is not None and self._generation == anchor.generation:
+            key = self._key
+        else:
+            key = self._current_key()
         try:
-            signature = self._current_key().sign(digest, mechanism=Mechanism.ECDSA)
+            signature = key.sign(digest, mechanism=_CKM_ECDSA)
         except p11x.PKCS11Error as exc:
             if not _recoverable(exc):
                 raise SigningFailedError(f"{self._source} failed to sign: {_ckr(exc)}") from exc
             first = _ckr(exc)
         else:
+            if len(signature) == SIGNATURE_SIZE:
+                return signature
             return check_signature(signature, source=self._source)
         logger.warning("%s: %s while signing; reopening the session once", self._source, first)
         try:

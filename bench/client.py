@@ -55,8 +55,8 @@ URL = "https://api.example.com/v1/things?page=2"
 HTU = "https://api.example.com/v1/things"
 TOKEN = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"  # RFC 9449 §7.1 example token
 ROOT = Path(__file__).resolve().parent.parent
-BATCH = 10
-"""Calls per slice: ~0.3 ms of signing or ~7 ms of HTTP, far above the clock's resolution."""
+SLICE = 0.005
+"""Seconds per slice of one variant's calls in `interleave`."""
 
 
 @dataclass
@@ -67,28 +67,35 @@ class Variant:
 
 
 def interleave(variants: list[Variant], rounds: int, seconds: float, budget: float) -> None:
-    """Per round, every variant runs ``seconds`` in total, in alternating slices of BATCH calls.
+    """Per round, every variant runs ``seconds`` in total, in alternating slices of ~SLICE s.
 
     Slices of a few milliseconds, not one block per variant: a burst of load from another
     process on a shared machine then hits every variant of the round about equally, so the
-    per-round ratios measure the code rather than the neighbours.
+    per-round ratios measure the code rather than the neighbours. Slices are long enough
+    (hundreds of proofs, several requests) that switching between variants costs nothing
+    measurable.
     """
-    began = time.perf_counter()
-    for v in variants:
-        for _ in range(BATCH):
-            v.run()  # warm-up: token fetched, connections open, caches filled
     clock = time.perf_counter
+    began = clock()
+    batches = []
+    for v in variants:
+        v.run()  # warm-up: token fetched, connections open, caches filled
+        start = clock()
+        for _ in range(10):
+            v.run()
+        per_call = (clock() - start) / 10
+        batches.append(max(1, round(SLICE / per_call)))
     for _ in range(rounds):
         spent = [0.0] * len(variants)
         calls = [0] * len(variants)
         while min(spent) < seconds:
             for i, v in enumerate(variants):
-                run = v.run
+                run, batch = v.run, batches[i]
                 start = clock()
-                for _ in range(BATCH):
+                for _ in range(batch):
                     run()
                 spent[i] += clock() - start
-                calls[i] += BATCH
+                calls[i] += batch
         for i, v in enumerate(variants):
             v.rates.append(calls[i] / spent[i])
         if clock() - began > budget:

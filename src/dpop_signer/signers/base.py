@@ -57,8 +57,12 @@ async def sign_async(signer: Signer, message: bytes) -> bytes:
     Uses the signer's own ``sign_async`` when it has one; otherwise runs ``sign`` in the default
     executor, because an unknown signer may do I/O.
     """
-    if isinstance(signer, AsyncSigner):
-        return await signer.sign_async(message)
+    # getattr, not isinstance(signer, AsyncSigner): a runtime-checkable Protocol check costs
+    # ~13 µs, half a PEM signature, on every proof.
+    own = getattr(signer, "sign_async", None)
+    if own is not None:
+        result: bytes = await own(message)
+        return result
     return await asyncio.get_running_loop().run_in_executor(None, signer.sign, message)
 
 

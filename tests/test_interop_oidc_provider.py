@@ -19,13 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from dpop_signer.signers.base import Signer
 from tests.interop_fixtures import JoseResourceServer, OidcProvider
 from tests.oracle import ath_of, check_proof, thumbprint
+from tests.servers_fixtures import HandKey
 
 if TYPE_CHECKING:
     from dpop_signer.auth import DPoPAuth
@@ -37,52 +35,6 @@ ProviderFactory = Callable[..., OidcProvider]
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _b64json(value: dict[str, Any]) -> str:
-    return _b64(json.dumps(value, separators=(",", ":")).encode())
-
-
-class HandKey:
-    """A P-256 key that makes DPoP proofs by hand, independent of dpop_signer."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        numbers = self.key.public_key().public_numbers()
-        self.jwk = {
-            "kty": "EC",
-            "crv": "P-256",
-            "x": _b64(numbers.x.to_bytes(32, "big")),
-            "y": _b64(numbers.y.to_bytes(32, "big")),
-        }
-
-    def proof(
-        self,
-        htm: str,
-        htu: str,
-        *,
-        access_token: str | None = None,
-        nonce: str | None = None,
-        jti: str | None = None,
-        ath: str | None = None,
-    ) -> str:
-        claims: dict[str, Any] = {
-            "jti": jti or _b64(secrets.token_bytes(16)),
-            "htm": htm,
-            "htu": htu,
-            "iat": int(time.time()),
-        }
-        if access_token is not None:
-            claims["ath"] = ath or _b64(hashlib.sha256(access_token.encode()).digest())
-        if nonce is not None:
-            claims["nonce"] = nonce
-        return self.jws({"typ": "dpop+jwt", "alg": "ES256", "jwk": self.jwk}, claims)
-
-    def jws(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
-        signing_input = f"{_b64json(header)}.{_b64json(claims)}"
-        der = self.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
-        r, s = decode_dss_signature(der)
-        return f"{signing_input}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
@@ -236,7 +188,7 @@ def test_harness_servers_reject_broken_proofs(
     def call(proof: str, access_token: str = token) -> httpx.Response:
         return http.get(url, headers={"Authorization": f"DPoP {access_token}", "DPoP": proof})
 
-    wrong_ath = call(key.proof("GET", url, access_token=token, ath=ath_of(token + "x")))
+    wrong_ath = call(key.proof("GET", url, access_token=token, claims={"ath": ath_of(token + "x")}))
     assert (wrong_ath.status_code, wrong_ath.json()["error"]) == (401, "invalid_dpop_proof")
     wrong_htu = call(key.proof("GET", jose_rs.url + "other", access_token=token))
     assert (wrong_htu.status_code, wrong_htu.json()["error"]) == (401, "invalid_dpop_proof")
@@ -343,7 +295,7 @@ def test_harness_private_key_jwt_client_registered_at_run_time(
         "iat": now,
         "exp": now + 60,
     }
-    assertion = key.jws({"alg": "ES256", "typ": "JWT"}, claims)
+    assertion = key.sign_jws({"alg": "ES256", "typ": "JWT"}, claims)
     response = http.post(
         provider.token_url,
         data={

@@ -35,6 +35,7 @@ from dpop_signer.cli_options import (
 from dpop_signer.config import build_auth, build_signer, pin_for
 from dpop_signer.console import SessionLog, mask_uri
 from dpop_signer.errors import ConfigError, DPoPSignerError
+from dpop_signer.signers.base import close_signer
 
 if TYPE_CHECKING:
     import httpx
@@ -176,9 +177,7 @@ def _open_signer(
     try:
         yield settings, signer
     finally:
-        close = getattr(signer, "close", None)
-        if callable(close):
-            close()
+        close_signer(signer)
 
 
 @main.command()
@@ -208,9 +207,7 @@ def keygen(ctx: click.Context, /, **_: object) -> None:
         click.echo(f"created a P-256 key at {mask_uri(ref)}", err=True)
         click.echo(jwk_thumbprint(signer.public_jwk))
     finally:
-        close = getattr(signer, "close", None)
-        if callable(close):
-            close()
+        close_signer(signer)
 
 
 @main.command()

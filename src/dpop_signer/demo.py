@@ -19,6 +19,7 @@ from typing import IO
 from dpop_signer.config import ENV_PREFIX, build_auth, build_signer, load_settings
 from dpop_signer.console import SessionLog, mask, mask_uri
 from dpop_signer.errors import OAuthError
+from dpop_signer.signers.base import close_signer
 
 __all__ = ["run_demo"]
 
@@ -83,9 +84,7 @@ def run_demo(*, key: str | None, require_nonce: bool, out: IO[str]) -> None:
                     response = client.get(servers.rs_url + _DEMO_PATH)
                     body = response.read()
         finally:
-            close = getattr(signer, "close", None)
-            if callable(close):
-                close()
+            close_signer(signer)
 
     print(file=out)
     _say(out, f"API response: {response.status_code} {response.reason_phrase}")

@@ -26,6 +26,7 @@ from dpop_signer.errors import (
     SignerUnavailableError,
     UnsupportedKeyError,
 )
+from dpop_signer.signers.base import close_signer
 
 if TYPE_CHECKING:
     import httpx
@@ -73,9 +74,8 @@ def run_doctor(settings: Settings, *, out: IO[str]) -> bool:
     try:
         _server_steps(doc, settings, signer)
     finally:
-        close = getattr(signer, "close", None)
-        if callable(close):
-            close()
+        if signer is not None:
+            close_signer(signer)
     return doc.failures == 0
 
 

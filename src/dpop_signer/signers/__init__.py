@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dpop_signer.signers.base import ALGORITHM, AsyncSigner, Signer, check_signature, sign_async
+from dpop_signer.signers.base import (
+    ALGORITHM,
+    AsyncSigner,
+    Signer,
+    check_signature,
+    close_signer,
+    sign_async,
+)
 from dpop_signer.signers.pem import PemSigner, generate_pem_key
 
 if TYPE_CHECKING:
@@ -26,6 +33,7 @@ __all__ = [
     "Pkcs11Signer",
     "Signer",
     "check_signature",
+    "close_signer",
     "generate_key",
     "is_pkcs11_ref",
     "load_signer",

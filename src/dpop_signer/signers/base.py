@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 from dpop_signer.errors import SigningFailedError
 from dpop_signer.jwk import SIGNATURE_SIZE, EcPublicJwk
 
-__all__ = ["ALGORITHM", "AsyncSigner", "Signer", "check_signature", "sign_async"]
+__all__ = ["ALGORITHM", "AsyncSigner", "Signer", "check_signature", "close_signer", "sign_async"]
 
 ALGORITHM = "ES256"
 """The only JWS algorithm dpop-signer signs with: ECDSA P-256 with SHA-256 (RFC 7518 §3.4)."""
@@ -64,6 +64,17 @@ async def sign_async(signer: Signer, message: bytes) -> bytes:
         result: bytes = await own(message)
         return result
     return await asyncio.get_running_loop().run_in_executor(None, signer.sign, message)
+
+
+def close_signer(signer: Signer) -> None:
+    """Release what ``signer`` holds (a PKCS#11 login, a session), if it holds anything.
+
+    ``close`` is not part of the `Signer` protocol: a caller's own signer may have nothing to
+    release.
+    """
+    close = getattr(signer, "close", None)
+    if callable(close):
+        close()
 
 
 def check_signature(signature: bytes, *, source: str) -> bytes:

@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## virtualenv in .venv with the package and its dev extras
 
-system-deps:  ## SoftHSM2 from Debian's packages when missing (or what to install)
+system-deps:  ## SoftHSM2 and p11-kit-modules from Debian's packages when missing (or what to install)
 	@softhsm/ensure-softhsm2.sh
 
 $(NODE_STAMP): $(INTEROP)/package.json $(INTEROP)/package-lock.json

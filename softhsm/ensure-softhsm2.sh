@@ -1,33 +1,39 @@
 #!/usr/bin/env bash
-# Make sure SoftHSM2 is installed: install Debian's package when we are root and it is missing,
-# otherwise say exactly what to install. Idempotent; prints nothing when all is there.
+# Make sure SoftHSM2 (and p11-kit's proxy module, which the tests also load SoftHSM2 through) is
+# installed: install Debian's packages when we are root and something is missing, otherwise say
+# exactly what to install. Idempotent; prints nothing when all is there.
 set -euo pipefail
 
-module_found() {
-  for m in /usr/lib/softhsm/libsofthsm2.so /usr/lib/*-linux-gnu/softhsm/libsofthsm2.so \
-           /usr/local/lib/softhsm/libsofthsm2.so /opt/homebrew/lib/softhsm/libsofthsm2.so; do
-    [ -e "$m" ] && return 0
-  done
+first_existing() {
+  for f in "$@"; do [ -e "$f" ] && return 0; done
   return 1
 }
 
-if command -v softhsm2-util >/dev/null 2>&1 && module_found; then
-  exit 0
+missing=()
+if ! command -v softhsm2-util >/dev/null 2>&1 || ! first_existing \
+    /usr/lib/softhsm/libsofthsm2.so /usr/lib/*-linux-gnu/softhsm/libsofthsm2.so \
+    /usr/local/lib/softhsm/libsofthsm2.so /opt/homebrew/lib/softhsm/libsofthsm2.so; then
+  missing+=(softhsm2)
 fi
+if ! first_existing /usr/lib/*-linux-gnu/p11-kit-proxy.so /usr/lib64/p11-kit-proxy.so \
+    /usr/lib/p11-kit-proxy.so; then
+  missing+=(p11-kit-modules)
+fi
+[ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-  echo "Installing SoftHSM2 from Debian's packages (softhsm2)..."
+  echo "Installing from Debian's packages: ${missing[*]}..."
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends softhsm2 >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   exit 0
 fi
 
-cat >&2 <<'MSG'
-SoftHSM2 is missing and this user cannot install it.
-Install it, then run make again:
-  Debian/Ubuntu:  sudo apt-get install softhsm2
-  Fedora/RHEL:    sudo dnf install softhsm
-  macOS:          brew install softhsm
+cat >&2 <<MSG
+Missing: ${missing[*]}; this user cannot install packages.
+Install them, then run make again:
+  Debian/Ubuntu:  sudo apt-get install ${missing[*]}
+  Fedora/RHEL:    sudo dnf install softhsm p11-kit
+  macOS:          brew install softhsm p11-kit
 MSG
 exit 1

@@ -186,6 +186,25 @@ def normalize_htu(url: str | httpx.URL) -> str:
     Raises:
         ProofError: ``url`` is not an absolute ``http`` or ``https`` URL with a host.
     """
+    if type(url) is httpx.URL:
+        # httpx makes a new URL object per request, so it cannot be a cache key itself; the
+        # four parts an htu is made of are cheap to read (~0.4 µs against ~1.3 µs to build).
+        key = (url.scheme, url.raw_host, url.port, url.raw_path.partition(b"?")[0])
+        htu = _HTU_OF_URL_PARTS.get(key)
+        if htu is None:
+            htu = _normalize(url)
+            if len(_HTU_OF_URL_PARTS) >= _HTU_CACHE_SIZE:
+                _HTU_OF_URL_PARTS.clear()
+            _HTU_OF_URL_PARTS[key] = htu
+        return htu
+    return _normalize(url)
+
+
+_HTU_CACHE_SIZE = 512
+_HTU_OF_URL_PARTS: dict[tuple[str, bytes, int | None, bytes], str] = {}
+
+
+def _normalize(url: str | httpx.URL) -> str:
     scheme, host, port, path = _url_parts(url)
     netloc = host if port is None else f"{host}:{port}"
     return f"{scheme}://{netloc}{path.decode('ascii')}"

@@ -901,13 +901,12 @@ class Pkcs11Signer:
                 "SHA-256 digest"
             )
         anchor = self._anchor
-        # The usual case inline (session open, key handle current); else `_current_key`.
-        if anchor.session is not None and self._generation == anchor.generation:
-            key = self._key
-        else:
-            key = self._current_key()
         try:
-            signature = key.sign(digest, mechanism=_CKM_ECDSA)
+            # `_current_key` only when needed (it reopens or looks the key up again): the
+            # usual case is an open session and a current handle, checked inline.
+            if anchor.session is None or self._generation != anchor.generation:
+                self._current_key()
+            signature = self._key.sign(digest, mechanism=_CKM_ECDSA)
         except p11x.PKCS11Error as exc:
             if not _recoverable(exc):
                 raise SigningFailedError(f"{self._source} failed to sign: {_ckr(exc)}") from exc

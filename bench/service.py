@@ -6,7 +6,9 @@ on, default log level (one audit line per proof, written to a file). The load co
 small asyncio client in this process that keeps C connections open and sends pre-built
 HTTP/1.1 requests, so the client costs far less than the server it measures. Both endpoints
 run in interleaved rounds; the table shows median requests per second, p50/p99 latency over
-all rounds, and the median of the per-round ratios proof/healthz. Bounded to about 40 s.
+all rounds, the median of the per-round ratios proof/healthz, and the server's CPU time per
+request (from /proc: on a small shared machine the client competes for the same cores, so the
+CPU each request costs the server says more than the rate). Bounded to about 40 s.
 
     python -m bench service --rounds=3 --seconds=2 --connections=1,8
 """
@@ -40,6 +42,7 @@ class Endpoint:
     rates: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
+    cpu: list[float] = field(default_factory=list)  # server CPU seconds per request, per round
 
 
 def build_requests(port: int, api_key: str) -> list[Endpoint]:
@@ -117,6 +120,15 @@ def start_service(uri: str, pin: str, workdir: Path) -> tuple[subprocess.Popen[b
     raise SystemExit("dpop serve did not start within 30 s")
 
 
+def server_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (Linux /proc; 0.0 elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -147,18 +159,22 @@ def main(argv: list[str]) -> int:
               f"{platform.python_version()}, {os.cpu_count()} CPUs, "
               f"{rounds} rounds x {seconds:g} s per endpoint and level\n")  # fmt: skip
         print(
-            "| connections | endpoint | median req/s | p50 ms | p99 ms | errors | proof/healthz |"
+            "| connections | endpoint | median req/s | p50 ms | p99 ms | errors | proof/healthz "
+            "| server CPU µs/req |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for connections in levels:
             endpoints = build_requests(port, api_key)
             for endpoint in endpoints:  # warm-up: connections, the HSM session, caches
                 asyncio.run(load(port, endpoint.request, connections, 0.3))
             for _ in range(rounds):
                 for endpoint in endpoints:
+                    cpu_before = server_cpu(process.pid)
                     rate, latencies, errors = asyncio.run(
                         load(port, endpoint.request, connections, seconds)
                     )
+                    cpu = server_cpu(process.pid) - cpu_before
+                    endpoint.cpu.append(cpu / max(1, len(latencies)))
                     endpoint.rates.append(rate)
                     endpoint.latencies += latencies
                     endpoint.errors += errors
@@ -171,7 +187,8 @@ def main(argv: list[str]) -> int:
                 print(
                     f"| {connections} | {endpoint.name} | {statistics.median(endpoint.rates):,.0f}"
                     f" | {pct(endpoint.latencies, 0.5):.2f} | {pct(endpoint.latencies, 0.99):.2f}"
-                    f" | {endpoint.errors} | {ratio} |"
+                    f" | {endpoint.errors} | {ratio} | {statistics.median(endpoint.cpu) * 1e6:.0f}"
+                    " |"
                 )
     finally:
         process.terminate()

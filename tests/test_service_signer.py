@@ -2,12 +2,15 @@
 
 The end-to-end outage (a SoftHSM2 token deleted and restored under the running service) is in
 tests/test_service.py; these tests pin the rules that outage cannot reach: a different key
-after reopening, a PIN refused on reopen (never tried again), and the reopen rate limit.
+after reopening, a PIN refused on reopen (never tried again), the reopen rate limit, and where
+signatures run (a fast key inline after being measured, a slow or stalled one never on the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -145,3 +148,104 @@ def test_a_pin_refused_on_reopen_is_never_tried_again():
 def test_a_failure_at_start_is_raised_at_once():
     with pytest.raises(PinError):
         ServiceSigner(Opener(PinError("wrong PIN")))
+
+
+class Timed(Switchable):
+    """A real PEM key that records which thread signed, and can be made slow like a network HSM."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
+        super().__init__(key)
+        self.delay = 0.0
+        self.threads: list[int] = []
+
+    def sign(self, message: bytes) -> bytes:
+        self.threads.append(threading.get_ident())
+        if self.delay:
+            time.sleep(self.delay)
+        return super().sign(message)
+
+
+def _sign_many(signer: ServiceSigner, count: int, *, until_inline: bool = False) -> int:
+    """Sign up to ``count`` messages on one loop, each checked; returns how many were made."""
+
+    async def run() -> int:
+        for number in range(1, count + 1):
+            message = b"header.claims%d" % number
+            verify_es256(dict(signer.public_jwk), message, await signer.sign_async(message))
+            if until_inline and signer.signs_inline:
+                return number
+        return count
+
+    return asyncio.run(run())
+
+
+def test_a_fast_key_is_measured_off_the_loop_first_then_signed_inline():
+    key = Timed(KEY)
+    metrics = Metrics()
+    signer = ServiceSigner(Opener(key), metrics=metrics)
+    loop_thread = threading.get_ident()
+    try:
+        assert not signer.signs_inline  # an unmeasured key starts in the worker thread
+        made = _sign_many(signer, 500, until_inline=True)
+        assert signer.signs_inline, "an in-memory key never qualified for inline signing"
+        assert loop_thread not in key.threads[:8]  # the warm-up samples came from the thread
+        before = len(key.threads)
+        _sign_many(signer, 20)
+        inline = key.threads[before:]
+        assert inline.count(loop_thread) >= 1
+        assert metrics.signatures == made + 20  # inline or not, every signature is counted
+    finally:
+        signer.close()
+
+
+def test_a_slow_key_is_never_signed_on_the_event_loop():
+    key = Timed(KEY)
+    key.delay = 0.005  # a network HSM round trip: well above the inline threshold
+    signer = ServiceSigner(Opener(key))
+    try:
+        _sign_many(signer, 20)
+        assert not signer.signs_inline
+        assert threading.get_ident() not in key.threads
+    finally:
+        signer.close()
+
+
+def test_a_stall_sends_signatures_back_to_the_thread():
+    key = Timed(KEY)
+    signer = ServiceSigner(Opener(key))
+    loop_thread = threading.get_ident()
+    try:
+        _sign_many(signer, 500, until_inline=True)
+        assert signer.signs_inline
+        key.delay = 0.005
+        before = len(key.threads)
+        _sign_many(signer, 5)
+        after_stall = key.threads[before:]
+        # At most the one signature that revealed the stall ran on the loop.
+        assert after_stall.count(loop_thread) <= 1
+        assert after_stall[-1] != loop_thread
+        assert not signer.signs_inline
+        key.delay = 0.0
+        _sign_many(signer, 500, until_inline=True)
+        assert signer.signs_inline  # fast again: back to inline
+    finally:
+        signer.close()
+
+
+def test_a_reopened_key_is_measured_again_before_inline_signing():
+    first, second = Timed(KEY), Timed(KEY)
+    clock = Clock()
+    signer = ServiceSigner(Opener(first, second), clock=clock)
+    try:
+        _sign_many(signer, 500, until_inline=True)
+        assert signer.signs_inline
+        first.plugged = False
+        with pytest.raises(SignerUnavailableError):
+            _sign(signer)
+        clock.now += 2
+        _sign(signer)  # reopens
+        assert not signer.signs_inline
+        assert second.threads
+        assert second.threads[0] != threading.get_ident()
+    finally:
+        signer.close()

@@ -253,19 +253,29 @@ class _Handlers:
             if size > limit:
                 raise ApiError(413, "body_too_large", f"the request body exceeds {limit} bytes")
             chunks.append(chunk)
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
-            data = json.loads(b"".join(chunks))
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(400, "invalid_json", "the request body is not valid JSON") from exc
-        try:
-            return model.model_validate(data)
+            # pydantic's own JSON parser: half the cost of json.loads + model_validate.
+            return model.model_validate_json(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: "
-                f"{e['msg'].removeprefix('Value error, ')}"
-                for e in exc.errors(include_url=False, include_input=False, include_context=False)
-            )
-            raise ApiError(422, "invalid_request", problems) from None
+            errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            # Not JSON to pydantic (bad UTF-8, a BOM, UTF-16, deep nesting...): decide exactly as
+            # json.loads always did here, so the fast path changes no answer.
+            try:
+                data = json.loads(raw)
+            except (ValueError, RecursionError) as exc:
+                raise ApiError(400, "invalid_json", "the request body is not valid JSON") from exc
+            try:
+                return model.model_validate(data)
+            except ValidationError as exc:
+                errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in errors
+        )
+        raise ApiError(422, "invalid_request", problems) from None
 
     def _check_origin(self, htu: str) -> None:
         allowed = self.state.allowed_origins
@@ -328,7 +338,9 @@ class _Handlers:
         signature = await self.state.signer.sign_async(prepared.signing_input.encode("ascii"))
         proof = proofs.finish(prepared, signature)
         self._audit(request, key, "proof", body.htm, normalize_htu(body.htu), prepared.jti)
-        return JSONResponse({"proof": proof})
+        # A compact JWS is base64url and dots: nothing in it needs JSON escaping, so the body
+        # is the same bytes JSONResponse would render, without an encoder per proof.
+        return Response(b'{"proof":"%s"}' % proof.encode("ascii"), media_type="application/json")
 
     async def headers(self, request: Request) -> Response:
         key = self._authenticate(request)

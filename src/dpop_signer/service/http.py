@@ -27,7 +27,7 @@ from dpop_signer.errors import (
     UseDPoPNonceError,
 )
 from dpop_signer.jwk import b64url_decode
-from dpop_signer.service.logs import log_event
+from dpop_signer.service.logs import log_event, logger
 from dpop_signer.service.metrics import Metrics
 
 __all__ = [
@@ -190,13 +190,19 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            fields: dict[str, Any] = {
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": status,
-                "ms": round((time.perf_counter() - started) * 1000, 2),
-            }
-            client = scope.get("client")
-            fields["caller"] = f"{client[0]}:{client[1]}" if client and client[0] else "unix"
             level = logging.DEBUG if 0 < status < 400 else logging.INFO
-            log_event("request", level, **fields)
+            if logger.isEnabledFor(level):
+                _log_request(scope, status, started, level)
+
+
+def _log_request(scope: Scope, status: int, started: float, level: int) -> None:
+    # Only when the line is written: at the default level a 200 is not, and this is per request.
+    fields: dict[str, Any] = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": status,
+        "ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    client = scope.get("client")
+    fields["caller"] = f"{client[0]}:{client[1]}" if client and client[0] else "unix"
+    log_event("request", level, **fields)

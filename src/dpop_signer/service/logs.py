@@ -27,26 +27,38 @@ LIFECYCLE_EVENTS = frozenset({"starting", "listening", "stopped", "exit"})
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object: ``ts``, ``level``, ``event`` and the fields."""
 
+    def __init__(self) -> None:
+        """A formatter with a reusable encoder and a per-second timestamp cache."""
+        super().__init__()
+        # One encoder for every line: json.dumps with options builds a new one per call.
+        self._encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+        self._second = -1
+        self._stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record``; fields come from ``extra={"fields": {...}}``."""
-        line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-        }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            line["event"] = record.getMessage()
+            line = self._head(record.created, record.levelname, record.getMessage())
             line.update(fields)
         else:
             # A third-party line (uvicorn): keep its text, marked as such.
-            line["event"] = "log"
+            line = self._head(record.created, record.levelname, "log")
             line["logger"] = record.name
             line["message"] = record.getMessage()
         if record.exc_info and record.exc_info[0] is not None:
             # The exception type only: a traceback's locals and messages are not ours to vet.
             line["exception"] = record.exc_info[0].__name__
-        return json.dumps(line, separators=(",", ":"), default=str)
+        return self._encode(line)
+
+    def _head(self, created: float, levelname: str, event: str) -> dict[str, Any]:
+        second = int(created)
+        if second != self._second:
+            # strftime once per second, not once per line (an audit line per proof).
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        millis = int((created - second) * 1000)
+        return {"ts": f"{self._stamp}.{millis:03d}Z", "level": levelname.lower(), "event": event}
 
 
 def configure_logging(level: str = "info") -> None:
@@ -66,4 +78,13 @@ def configure_logging(level: str = "info") -> None:
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Write one structured line: ``event`` plus ``fields`` (all safe to log)."""
     target = _lifecycle if event in LIFECYCLE_EVENTS else logger
-    target.log(level, event, extra={"fields": fields})
+    if not target.isEnabledFor(level):
+        return
+    target.handle(_record(target, level, event, fields))
+
+
+def _record(
+    target: logging.Logger, level: int, event: str, fields: dict[str, Any]
+) -> logging.LogRecord:
+    # makeRecord rather than Logger.log: no findCaller stack walk (the line has no source).
+    return target.makeRecord(target.name, level, "", 0, event, (), None, extra={"fields": fields})

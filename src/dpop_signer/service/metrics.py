@@ -4,8 +4,8 @@ Four families, rendered in the Prometheus text exposition format (version 0.0.4)
 
 - ``dpop_signatures_total``: signatures made with the key (one per proof, token requests
   included);
-- ``dpop_sign_seconds``: signing latency histogram (the signer's async path, HSM round trip
-  included);
+- ``dpop_sign_seconds``: signing latency histogram, as the event loop sees it (HSM round trip
+  included; for a signature offloaded to the worker thread, the thread hop too);
 - ``dpop_token_requests_total{status}``: requests to the token endpoint by HTTP status;
 - ``dpop_errors_total{kind}``: errors answered to callers, by kind.
 

@@ -37,6 +37,7 @@ from dpop_signer.service.http import ApiError, LoopbackHostMiddleware, claims_of
 from dpop_signer.service.logs import log_event
 from dpop_signer.service.metrics import Metrics
 from dpop_signer.service.security import ApiKeys
+from dpop_signer.signers.base import close_signer
 
 __all__ = ["DEFAULT_REPLAY_LIMIT", "ProxyState", "create_proxy_app"]
 
@@ -199,9 +200,7 @@ class ProxyApp:
             elif message["type"] == "lifespan.shutdown":
                 if self.state.client is not None:
                     await self.state.client.aclose()
-                close = getattr(self.state.signer, "close", None)
-                if callable(close):
-                    close()
+                close_signer(self.state.signer)
                 log_event("stopped")
                 await send({"type": "lifespan.shutdown.complete"})
                 return

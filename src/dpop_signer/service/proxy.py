@@ -147,7 +147,11 @@ def _upstream_url(base: httpx.URL, raw_path: bytes, query: bytes) -> httpx.URL:
     return base.copy_with(raw_path=target)
 
 
-def _forward_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _filter_headers(
+    raw: list[tuple[bytes, bytes]], excluded: frozenset[str]
+) -> list[tuple[bytes, bytes]]:
+    # Hop-by-hop headers end at this hop (RFC 9110 §7.6.1), and so does every header the
+    # Connection header names.
     named_in_connection = {
         token.strip().lower()
         for name, value in raw
@@ -157,23 +161,7 @@ def _forward_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
     return [
         (name, value)
         for name, value in raw
-        if name.lower().decode("latin-1") not in _NOT_FORWARDED
-        and name.lower() not in named_in_connection
-    ]
-
-
-def _response_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-    raw = response.headers.raw
-    named_in_connection = {
-        token.strip().lower()
-        for name, value in raw
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    }
-    return [
-        (name, value)
-        for name, value in raw
-        if name.lower().decode("latin-1") not in _HOP_BY_HOP
+        if name.lower().decode("latin-1") not in excluded
         and name.lower() not in named_in_connection
     ]
 
@@ -245,7 +233,7 @@ class ProxyApp:
             raise ApiError(400, "invalid_request", "the request target must be a path (/...)")
         assert state.client is not None
         url = _upstream_url(state.upstream, raw_path, scope.get("query_string", b""))
-        headers = _forward_headers(list(scope["headers"]))
+        headers = _filter_headers(list(scope["headers"]), _NOT_FORWARDED)
         if not any(name.lower() == b"accept-encoding" for name, _ in headers):
             # httpx would ask for gzip on our behalf and the caller would get bytes it did
             # not ask for: the body is passed through raw.
@@ -293,7 +281,7 @@ class ProxyApp:
                 {
                     "type": "http.response.start",
                     "status": response.status_code,
-                    "headers": _response_headers(response),
+                    "headers": _filter_headers(response.headers.raw, _HOP_BY_HOP),
                 }
             )
             async for chunk in response.aiter_raw():

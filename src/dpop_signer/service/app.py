@@ -91,8 +91,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class ProofRequest(_Strict):
-    """What a DPoP proof is made for."""
+class _Target(_Strict):
+    """The request a proof or a pair of headers is for."""
 
     htm: str = Field(
         max_length=32,
@@ -106,6 +106,16 @@ class ProofRequest(_Strict):
         description="URL of that request; query and fragment are dropped (RFC 9449 §4.2)",
         examples=["https://api.example/v1/things"],
     )
+
+    @field_validator("htu")
+    @classmethod
+    def _check_htu(cls, value: str) -> str:
+        return _http_url(value)
+
+
+class ProofRequest(_Target):
+    """What a DPoP proof is made for."""
+
     access_token: str | None = Field(
         default=None,
         max_length=16384,
@@ -119,28 +129,16 @@ class ProofRequest(_Strict):
         description="the server's DPoP-Nonce, when it demanded one (RFC 9449 §8, §9)",
     )
 
-    @field_validator("htu")
-    @classmethod
-    def _check_htu(cls, value: str) -> str:
-        return _http_url(value)
 
-
-class HeadersRequest(_Strict):
+class HeadersRequest(_Target):
     """The request for which the service supplies Authorization and DPoP headers."""
 
-    htm: str = Field(max_length=32, pattern=_METHOD, examples=["GET"])
-    htu: str = Field(min_length=1, max_length=4096, examples=["https://api.example/v1/things"])
     nonce: str | None = Field(
         default=None,
         max_length=1024,
         pattern=_NQCHAR,
         description="a DPoP-Nonce the resource server sent; remembered for its origin",
     )
-
-    @field_validator("htu")
-    @classmethod
-    def _check_htu(cls, value: str) -> str:
-        return _http_url(value)
 
 
 class ProofResponse(BaseModel):

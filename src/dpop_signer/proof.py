@@ -343,10 +343,7 @@ class DPoPProofBuilder:
             SignerError: the signer failed.
         """
         message = self._message(htm, htu, access_token, nonce, self._jti())
-        signature = self._signer.sign(message)
-        if len(signature) != SIGNATURE_SIZE:
-            check_signature(signature, source=self._source)
-        return b".".join((message, _b64url_bytes(signature))).decode("ascii")
+        return self._seal(message, self._signer.sign(message))
 
     async def build_async(
         self,
@@ -358,10 +355,7 @@ class DPoPProofBuilder:
     ) -> str:
         """Like `build`, signing through the signer's async path (`signers.sign_async`)."""
         message = self._message(htm, htu, access_token, nonce, self._jti())
-        signature = await sign_async(self._signer, message)
-        if len(signature) != SIGNATURE_SIZE:
-            check_signature(signature, source=self._source)
-        return b".".join((message, _b64url_bytes(signature))).decode("ascii")
+        return self._seal(message, await sign_async(self._signer, message))
 
     def prepare(
         self,
@@ -383,6 +377,12 @@ class DPoPProofBuilder:
     def finish(self, prepared: PreparedProof, signature: bytes) -> str:
         """Attach the signature of ``prepared.signing_input``; returns the compact proof."""
         return compact_jws(prepared.signing_input, signature, source=self._source)
+
+    def _seal(self, message: bytes, signature: bytes) -> str:
+        # `compact_jws` for the bytes the hot path already has: no str round trip.
+        if len(signature) != SIGNATURE_SIZE:
+            check_signature(signature, source=self._source)
+        return b".".join((message, _b64url_bytes(signature))).decode("ascii")
 
     def _message(
         self,

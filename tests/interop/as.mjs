@@ -38,6 +38,7 @@ import { parseArgs } from 'node:util';
 
 import { exportJWK, generateKeyPair } from 'jose';
 import Provider from 'oidc-provider';
+import { stopOnSignals } from './lifecycle.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -269,19 +270,7 @@ async function main() {
       server.listen(port, '127.0.0.1', resolve);
     });
   }
-  // Signal handlers first: the parent may send SIGTERM as soon as it reads the ready line.
-  const stop = () => {
-    server.close(() => process.exit(0));
-    server.closeAllConnections();
-    setTimeout(() => process.exit(0), 1000).unref();
-  };
-  process.on('SIGTERM', stop);
-  process.on('SIGINT', stop);
-  if (process.env.INTEROP_EXIT_ON_STDIN_EOF === '1') {
-    // The test runner holds our stdin open: if it dies without stopping us, we stop too.
-    process.stdin.on('end', stop);
-    process.stdin.resume();
-  }
+  stopOnSignals(server);
   const actualPort = server.address().port;
   process.stdout.write(`${JSON.stringify({ ready: true, issuer, port: actualPort, token_endpoint: provider.urlFor('token') })}\n`);
 }

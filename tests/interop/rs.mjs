@@ -41,6 +41,7 @@ import {
   EmbeddedJWK,
   jwtVerify,
 } from 'jose';
+import { stopOnSignals } from './lifecycle.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -258,15 +259,4 @@ server.listen(port, '127.0.0.1', () => {
 });
 server.on('error', (err) => fail(err.message));
 
-const stop = () => {
-  server.close(() => process.exit(0));
-  server.closeAllConnections();
-  setTimeout(() => process.exit(0), 1000).unref();
-};
-process.on('SIGTERM', stop);
-process.on('SIGINT', stop);
-if (process.env.INTEROP_EXIT_ON_STDIN_EOF === '1') {
-  // The test runner holds our stdin open: if it dies without stopping us, we stop too.
-  process.stdin.on('end', stop);
-  process.stdin.resume();
-}
+stopOnSignals(server);

@@ -1,14 +1,16 @@
 """``dpop serve``: ``POST /v1/proof`` against the same server's ``GET /healthz``.
 
-Starts the real service (``python -m dpop_signer serve``) on a loopback port with a SoftHSM2 key
-(a throw-away token, or ``DPOP_KEY``/``DPOP_PIN`` when they name a ``pkcs11:`` key), API key
-on, default log level (one audit line per proof, written to a file). The load comes from a
-small asyncio client in this process that keeps C connections open and sends pre-built
-HTTP/1.1 requests, so the client costs far less than the server it measures. Both endpoints
-run in interleaved rounds; the table shows median requests per second, p50/p99 latency over
-all rounds, the median of the per-round ratios proof/healthz, and the server's CPU time per
-request (from /proc: on a small shared machine the client competes for the same cores, so the
-CPU each request costs the server says more than the rate). Bounded to about 40 s.
+Starts the real service (``python -m dpop_signer serve``) on a loopback port, API key on,
+default log level (one audit line per proof, written to a file): first with the SoftHSM2 key
+(`bench.hsm.bench_key`), then with an in-memory PEM key, which shows what the service costs
+apart from the HSM. The load comes from a small asyncio client in this process that keeps C
+connections open and sends pre-built HTTP/1.1 requests, so the client costs far less than the
+server it measures. Both endpoints run in interleaved rounds; a row has the median requests per
+second, the median of the per-round ratios proof/healthz, p50/p99 latency over all rounds, the
+server's CPU time per request (from /proc: the client shares the 2 cores, so the CPU a request
+costs the server says more than the rate), and the mean signing time the service itself
+measured (``/metrics``). From that comes the ceiling: a /v1/proof that cost one /healthz plus
+one signature and nothing else would reach ``1 / (1 + sign x healthz rate)``. About 40 s per key.
 
     python -m bench service --rounds=3 --seconds=2 --connections=1,8
 """
@@ -19,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import secrets
 import shutil
 import statistics
@@ -30,9 +31,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.signers import temp_token
+from bench.hsm import bench_key
+from bench.report import Row
 
 ROOT = Path(__file__).resolve().parent.parent
+SECTION = "Service (dpop serve)"
+BUDGET = 40.0
+"""Seconds one service run may take; rounds stop early beyond it."""
 
 
 @dataclass
@@ -94,17 +99,23 @@ async def load(
     return counts[0] / (time.perf_counter() - began), latencies, counts[1]
 
 
-def start_service(uri: str, pin: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int, str]:
+def start_service(
+    key: str, pin: str | None, workdir: Path
+) -> tuple[subprocess.Popen[bytes], int, str]:
+    """Start ``dpop serve`` on a free loopback port with ``key``; (process, port, API key)."""
     api_key = secrets.token_urlsafe(32)
     key_file = workdir / "api-key"
     key_file.write_text(api_key)
     key_file.chmod(0o600)
     log = workdir / "service.log"
-    env = {**os.environ, "DPOP_PIN": pin, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "DPOP_PIN"}
+    env["PYTHONUNBUFFERED"] = "1"
+    if pin:
+        env["DPOP_PIN"] = pin
     with open(log, "wb") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "dpop_signer", "serve", "--listen", "127.0.0.1:0",
-             "--api-key-file", str(key_file), "--key", uri],
+             "--api-key-file", str(key_file), "--key", key],
             stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
         )  # fmt: skip
     deadline = time.monotonic() + 30
@@ -134,41 +145,36 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench service")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=2.0, help="per endpoint per round")
-    parser.add_argument("--connections", default="1,8", help="comma-separated concurrency levels")
-    args = parser.parse_args(argv)
-    rounds = max(1, min(args.rounds, 10))
-    seconds = max(0.2, min(args.seconds, 5.0))
-    levels = [max(1, min(int(c), 64)) for c in args.connections.split(",")]
-    budget = 40.0
+def sign_seconds(port: int) -> tuple[float, int]:
+    """The service's own signing-time sum and count, from ``/metrics``."""
+    import httpx
 
-    key_ref = os.environ.get("DPOP_KEY", "")
-    token_dir = None
-    if os.environ.get("SOFTHSM2_CONF") and key_ref.startswith("pkcs11:"):
-        uri, pin = key_ref, os.environ.get("DPOP_PIN", "")
-    else:
-        token_dir, uri, pin = temp_token()
+    total, count = 0.0, 0
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+        if line.startswith("dpop_sign_seconds_sum "):
+            total = float(line.split()[1])
+        elif line.startswith("dpop_sign_seconds_count "):
+            count = int(line.split()[1])
+    return total, count
+
+
+def measure_service(
+    label: str, key: str, pin: str | None, levels: list[int], rounds: int, seconds: float
+) -> list[Row]:
+    """Interleaved rounds of /healthz and /v1/proof on one ``dpop serve`` with ``key``."""
     workdir = Path(tempfile.mkdtemp(prefix="dpop-bench-service-"))
-    process, port, api_key = start_service(uri, pin, workdir)
+    process, port, api_key = start_service(key, pin, workdir)
     began = time.perf_counter()
+    rows: list[Row] = []
     try:
-        print(f"\ndpop serve, SoftHSM2 key, {platform.python_implementation()} "
-              f"{platform.python_version()}, {os.cpu_count()} CPUs, "
-              f"{rounds} rounds x {seconds:g} s per endpoint and level\n")  # fmt: skip
-        print(
-            "| connections | endpoint | median req/s | p50 ms | p99 ms | errors | proof/healthz "
-            "| server CPU µs/req |"
-        )
-        print("|---|---|---|---|---|---|---|---|")
         for connections in levels:
-            endpoints = build_requests(port, api_key)
-            for endpoint in endpoints:  # warm-up: connections, the HSM session, caches
+            print(f"  {label}, {connections} connection(s) ...", file=sys.stderr, flush=True)
+            health, proof = build_requests(port, api_key)
+            for endpoint in (health, proof):  # warm-up: connections, the HSM session, caches
                 asyncio.run(load(port, endpoint.request, connections, 0.3))
+            signed = sign_seconds(port)
             for _ in range(rounds):
-                for endpoint in endpoints:
+                for endpoint in (health, proof):
                     cpu_before = server_cpu(process.pid)
                     rate, latencies, errors = asyncio.run(
                         load(port, endpoint.request, connections, seconds)
@@ -178,18 +184,36 @@ def main(argv: list[str]) -> int:
                     endpoint.rates.append(rate)
                     endpoint.latencies += latencies
                     endpoint.errors += errors
-                if time.perf_counter() - began > budget:
+                if time.perf_counter() - began > BUDGET:
                     break
-            health, proof = endpoints
+            total, count = sign_seconds(port)
+            sign = (total - signed[0]) / max(1, count - signed[1])
             ratios = [p / h for p, h in zip(proof.rates, health.rates, strict=True)]
-            for endpoint in endpoints:
-                ratio = f"{statistics.median(ratios):.2f}" if endpoint is proof else ""
-                print(
-                    f"| {connections} | {endpoint.name} | {statistics.median(endpoint.rates):,.0f}"
-                    f" | {pct(endpoint.latencies, 0.5):.2f} | {pct(endpoint.latencies, 0.99):.2f}"
-                    f" | {endpoint.errors} | {ratio} | {statistics.median(endpoint.cpu) * 1e6:.0f}"
-                    " |"
+            # If /v1/proof cost exactly one /healthz plus one signature on the event loop, the
+            # ratio would be 1 / (1 + sign x healthz rate): the limit the key itself sets.
+            ceiling = 1 / (1 + sign * statistics.median(health.rates))
+            rows.append(
+                Row(
+                    section=SECTION,
+                    name=f"POST /v1/proof, {label}, {connections} connection(s)",
+                    value=f"{statistics.median(proof.rates):,.0f} req/s",
+                    versus=f"GET /healthz ({statistics.median(health.rates):,.0f} req/s)",
+                    ratio=statistics.median(ratios),
+                    rounds=ratios,
+                    target="≥ 0.70",
+                    met=statistics.median(ratios) >= 0.70,
+                    note=(
+                        f"proof p50 {pct(proof.latencies, 0.5):.2f} / p99 "
+                        f"{pct(proof.latencies, 0.99):.2f} ms, healthz p50 "
+                        f"{pct(health.latencies, 0.5):.2f} / p99 "
+                        f"{pct(health.latencies, 0.99):.2f} ms; server CPU "
+                        f"{statistics.median(proof.cpu) * 1e6:.0f} vs "
+                        f"{statistics.median(health.cpu) * 1e6:.0f} µs/req; "
+                        f"sign {sign * 1e6:.0f} µs in the server, ceiling {ceiling:.2f}; "
+                        f"errors {proof.errors + health.errors}"
+                    ),
                 )
+            )
     finally:
         process.terminate()
         try:
@@ -197,11 +221,45 @@ def main(argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
         shutil.rmtree(workdir, ignore_errors=True)
-        if token_dir is not None:
-            shutil.rmtree(token_dir, ignore_errors=True)
-    print(f"\n(total {time.perf_counter() - began:.0f} s; exit status {process.returncode})")
-    return 0
+    return rows
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def main(argv: list[str]) -> list[Row]:
+    parser = argparse.ArgumentParser(prog="python -m bench service")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per endpoint per round")
+    parser.add_argument("--connections", default="1,8", help="comma-separated concurrency levels")
+    parser.add_argument("--no-pem", action="store_true", help="skip the PEM-key service")
+    args, _ = parser.parse_known_args(argv)
+    rounds = max(1, min(args.rounds, 10))
+    seconds = max(0.2, min(args.seconds, 5.0))
+    levels = [max(1, min(int(c), 64)) for c in args.connections.split(",")]
+
+    key = bench_key()
+    try:
+        rows = measure_service("SoftHSM2 key", key.uri, key.pin, levels, rounds, seconds)
+    finally:
+        key.cleanup()
+    if not args.no_pem:
+        # The same service with an in-memory key: what the service costs apart from the HSM.
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        pem_dir = Path(tempfile.mkdtemp(prefix="dpop-bench-pem-"))
+        try:
+            pem = pem_dir / "key.pem"
+            pem.write_bytes(
+                ec.generate_private_key(ec.SECP256R1()).private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            pem.chmod(0o600)
+            rows += measure_service("PEM key", str(pem), None, levels, rounds, seconds)
+        finally:
+            shutil.rmtree(pem_dir, ignore_errors=True)
+    for row in rows:
+        if "PEM key" in row.name:
+            row.target, row.met = "", None  # the aim is for the HSM-backed service
+    return rows

@@ -160,7 +160,7 @@ def _loopback_host(scope: Scope) -> bool:
             else:
                 host = host.rpartition(":")[0] if ":" in host else host
             return host in _LOOPBACK_NAMES
-    return False  # HTTP/1.1 requires Host (RFC 9112 §3.2); h11 refuses a request without it
+    return False  # HTTP/1.1 requires Host (RFC 9112 §3.2): a request without one is refused too
 
 
 class RequestLogMiddleware:

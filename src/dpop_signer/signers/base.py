@@ -5,7 +5,7 @@ A signer holds (or reaches) one EC P-256 private key and turns a JWS signing inp
 and signatures, nothing else. Backends live next to this module (`pem`, `pkcs11`).
 
 Callers on an event loop use `sign_async`, which takes a backend's own async path when it has
-one (a PKCS#11 module is reached through its executor thread) and otherwise runs ``sign`` in a
+one (a PKCS#11 module is reached through its worker thread) and otherwise runs ``sign`` in a
 thread, so that a slow or network HSM never blocks the loop.
 """
 

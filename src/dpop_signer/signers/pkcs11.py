@@ -9,7 +9,8 @@ and SoftHSM2 were measured to do (see DESIGN.md, "Facts that shape the PKCS#11 b
   `Pkcs11Module` owns the module and a lock that every python-pkcs11 call for that module holds.
   A lock rather than a worker thread: handing each signature to another thread cost 0.56x of raw
   ``C_Sign`` on one caller thread here, the lock costs nothing measurable. `sign_async` reaches
-  the lock through a one-thread executor, so the event loop never blocks on a slow HSM.
+  the lock from the module's `SigningWorker` thread, so the event loop never blocks on a slow
+  HSM, and answers come back to the loop in batches.
 * **One logged-in anchor session per (module, token).** PKCS#11 login belongs to the
   application, not the session: closing a PIN session logs every session out, a second login
   fails, and python-pkcs11 leaks the session of a failed login. So the anchor opens a session
@@ -28,7 +29,6 @@ class that names the module, token and key, and never the PIN.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import dataclasses
 import hashlib
@@ -39,7 +39,6 @@ import secrets
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -73,6 +72,7 @@ from dpop_signer.signers.pkcs11_uri import (
     resolve_module,
     resolve_pin,
 )
+from dpop_signer.signers.worker import SigningWorker
 
 if TYPE_CHECKING:
     from pkcs11._pkcs11 import lib as Pkcs11Lib
@@ -260,16 +260,16 @@ class Pkcs11Module:
     """One loaded PKCS#11 module, the lock that serializes calls into it, and its logins.
 
     There is exactly one per module file per process (`pkcs11_module`). Every python-pkcs11
-    call for the module goes through `call`; async callers run `call` on `executor`.
+    call for the module goes through `call`; async callers run `call` on `worker`.
     """
 
     def __init__(self, path: str, display: str) -> None:
-        """Create the lock and executor; `pkcs11_module` then loads the library."""
+        """Create the lock and worker; `pkcs11_module` then loads the library."""
         self.path = path
         self.display = display
         self.pid = os.getpid()
         name = os.path.basename(path).removesuffix(".so")
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pkcs11-{name}")
+        self.worker = SigningWorker(f"pkcs11-{name}")
         # Reentrant: recovery and key lookup call back into `call` while holding it.
         self._lock = threading.RLock()
         self._lib: Pkcs11Lib | None = None
@@ -441,11 +441,7 @@ def pkcs11_module(path: str) -> Pkcs11Module:
                 f"(apt-get install softhsm2){_yubihsm_hint(path)}"
             )
         module = Pkcs11Module(real, path)
-        try:
-            module.call(module._load)
-        except BaseException:
-            module.executor.shutdown(wait=False)
-            raise
+        module.call(module._load)
         _MODULES[real] = module
         return module
 
@@ -837,13 +833,10 @@ class Pkcs11Signer:
             return self._sign_digest(digest)
 
     async def sign_async(self, message: bytes) -> bytes:
-        """Like `sign`, from the module's executor thread, so the event loop never blocks."""
+        """Like `sign`, from the module's worker thread, so the event loop never blocks."""
         self._check_open()
         digest = hashlib.sha256(message).digest()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._module.executor, self._module.call, self._sign_digest, digest
-        )
+        return await self._module.worker.run(self._module.call, self._sign_digest, digest)
 
     def sign_digest(self, digest: bytes) -> bytes:
         """Sign a SHA-256 digest computed by the caller; 64 bytes r||s.
@@ -861,7 +854,7 @@ class Pkcs11Signer:
         self._closed = True
         if self._module.pid != os.getpid():
             return  # the parent owns the session; the child must not touch it
-        # At interpreter shutdown the executor takes no work (RuntimeError); the process ends.
+        # A close during interpreter shutdown may fail with RuntimeError; the process ends anyway.
         with suppress(RuntimeError):
             self._module.call(self._anchor.release)
 

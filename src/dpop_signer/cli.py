@@ -9,8 +9,9 @@ is caught here, at the edge, and printed as one ``error: ...`` line on stderr. E
 means the command line or configuration is wrong, 1 that something failed at run time
 (including an HTTP status of 400 or more from ``dpop request``).
 
-Heavy modules (httpx, python-pkcs11, starlette) are imported inside the commands that need
-them, so ``dpop --help`` and ``dpop thumbprint`` start quickly.
+Heavy modules (pydantic through `dpop_signer.config`, cryptography, httpx, python-pkcs11,
+starlette) are imported inside the commands that need them, so ``dpop --help`` starts about as
+fast as click itself (BENCHMARKS.md, start-up).
 """
 
 from __future__ import annotations
@@ -32,15 +33,14 @@ from dpop_signer.cli_options import (
     prompt_for_secrets,
     settings_from_context,
 )
-from dpop_signer.config import build_auth, build_signer, pin_for
-from dpop_signer.console import SessionLog, mask_uri
 from dpop_signer.errors import ConfigError, DPoPSignerError
-from dpop_signer.signers.base import close_signer
 
 if TYPE_CHECKING:
     import httpx
 
+    from dpop_signer.auth import DPoPAuth
     from dpop_signer.config import Settings
+    from dpop_signer.console import SessionLog
     from dpop_signer.signers.base import Signer
 
 __all__ = ["main"]
@@ -173,6 +173,9 @@ def _open_signer(
     # Everything missing is reported before a PIN is asked for or a token is touched.
     settings.require("key", *require)
     settings = prompt_for_secrets(settings, need_client_secret=client)
+    from dpop_signer.config import build_signer
+    from dpop_signer.signers.base import close_signer
+
     signer = build_signer(settings)
     try:
         yield settings, signer
@@ -194,8 +197,10 @@ def keygen(ctx: click.Context, /, **_: object) -> None:
       dpop keygen --key dev-key.pem
       DPOP_PIN_FILE=pin.txt dpop keygen --key 'pkcs11:token=dpop-dev;object=dpop-es256'
     """  # noqa: D301 - click's \b keeps the examples unwrapped
+    from dpop_signer.config import pin_for
+    from dpop_signer.console import mask_uri
     from dpop_signer.jwk import jwk_thumbprint
-    from dpop_signer.signers import generate_key, is_pkcs11_ref
+    from dpop_signer.signers import close_signer, generate_key, is_pkcs11_ref
 
     settings = settings_from_context(ctx)
     settings.require("key")
@@ -301,6 +306,16 @@ def proof(
         click.echo(builder.build(method.upper(), url, access_token=token, nonce=nonce))
 
 
+def _auth_and_log(
+    settings: Settings, signer: Signer, verbose: bool
+) -> tuple[DPoPAuth, SessionLog | None]:
+    from dpop_signer.config import build_auth
+    from dpop_signer.console import SessionLog
+
+    log = SessionLog(sys.stderr, token_url=settings.token_url) if verbose else None
+    return build_auth(settings, signer), log
+
+
 def _client(settings: Settings, auth: Any, log: SessionLog | None) -> httpx.Client:
     import httpx
 
@@ -329,8 +344,7 @@ def token(ctx: click.Context, /, verbose: bool, **_: object) -> None:
           --client-id svc --client-secret-file secret.txt --scope read
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     with _open_signer(ctx, require=("token_url", "client_id"), client=True) as (settings, signer):
-        auth = build_auth(settings, signer)
-        log = SessionLog(sys.stderr, token_url=settings.token_url) if verbose else None
+        auth, log = _auth_and_log(settings, signer, verbose)
         with _client(settings, auth, log) as client:
             access_token = auth.get_token(client)
         click.echo(json.dumps(access_token.raw, indent=2))
@@ -411,8 +425,7 @@ def request(
         extra_headers.append(("Content-Type", "application/x-www-form-urlencoded"))
 
     with _open_signer(ctx, require=("token_url", "client_id"), client=True) as (settings, signer):
-        auth = build_auth(settings, signer)
-        log = SessionLog(sys.stderr, token_url=settings.token_url) if verbose else None
+        auth, log = _auth_and_log(settings, signer, verbose)
         with _client(settings, auth, log) as client:
             response = client.request(verb, target, headers=extra_headers, content=body)
             _print_response(response, include=include)

@@ -21,18 +21,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from dpop_signer.config import (
-    CLIENT_AUTH_METHODS,
-    SECRET_FIELDS,
-    Settings,
-    env_name,
-    load_settings,
-    option_name,
-)
+from dpop_signer.config_names import CLIENT_AUTH_METHODS, SECRET_FIELDS, env_name, option_name
+
+if TYPE_CHECKING:
+    from dpop_signer.config import Settings
 
 __all__ = [
     "client_options",
@@ -163,6 +159,9 @@ def settings_from_context(ctx: click.Context) -> Settings:
     Parameters that are not settings (a command's own arguments) are ignored. A secret given
     as an option value works but warns, because other local users can read it in ``ps``.
     """
+    # Here, not at the top: pydantic is most of ``dpop --help``'s start-up otherwise.
+    from dpop_signer.config import Settings, load_settings
+
     params = ctx.params
     fields = set(Settings.model_fields) | {f"{name}_file" for name in SECRET_FIELDS}
     options = {name: value for name, value in params.items() if name in fields}

@@ -54,6 +54,13 @@ from pydantic import (
     field_validator,
 )
 
+from dpop_signer.config_names import (
+    CLIENT_AUTH_METHODS,
+    ENV_PREFIX,
+    SECRET_FIELDS,
+    env_name,
+    option_name,
+)
 from dpop_signer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -74,21 +81,7 @@ __all__ = [
     "read_secret_file",
 ]
 
-ENV_PREFIX = "DPOP_"
-"""Environment variables are ``DPOP_`` + the field name in upper case (``DPOP_TOKEN_URL``)."""
-
 ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
-CLIENT_AUTH_METHODS: tuple[str, ...] = (
-    "client_secret_basic",
-    "client_secret_post",
-    "private_key_jwt",
-    "none",
-)
-"""Token endpoint client authentication methods (RFC 6749 §2.3.1, RFC 7523 §2.2)."""
-
-SECRET_FIELDS: tuple[str, ...] = ("pin", "client_secret")
-"""Fields that are secrets: each also has a ``<name>_file`` form and is never echoed."""
-
 # Fields whose values are lists; in the environment they are separated by white space.
 _LIST_FIELDS = frozenset({"resource", "allow_origin"})
 
@@ -219,16 +212,6 @@ class Settings(BaseModel):
         sources = dict(self._sources)
         sources.update(dict.fromkeys(values, source))
         return _validate(data, sources)
-
-
-def option_name(field: str) -> str:
-    """The long option for ``field``: ``token_url`` -> ``--token-url``."""
-    return "--" + field.replace("_", "-")
-
-
-def env_name(field: str) -> str:
-    """The environment variable for ``field``: ``token_url`` -> ``DPOP_TOKEN_URL``."""
-    return ENV_PREFIX + field.upper()
 
 
 def _field_names() -> tuple[str, ...]:

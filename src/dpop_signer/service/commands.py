@@ -26,10 +26,10 @@ from dpop_signer.cli_options import (
     prompt_for_secrets,
     settings_from_context,
 )
-from dpop_signer.config import Settings, build_auth, build_signer
 from dpop_signer.errors import ConfigError
 
 if TYPE_CHECKING:
+    from dpop_signer.config import Settings
     from dpop_signer.service.metrics import Metrics
     from dpop_signer.service.security import ApiKeys, Listen
 
@@ -148,6 +148,7 @@ def serve(ctx: click.Context, /, allow_unauthenticated: bool, log_level: str, **
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     import httpx
 
+    from dpop_signer.config import build_auth, build_signer
     from dpop_signer.proof import DPoPProofBuilder
     from dpop_signer.service.app import ServiceState, create_signer_app
     from dpop_signer.service.metrics import Metrics
@@ -241,6 +242,7 @@ def proxy(
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     import httpx
 
+    from dpop_signer.config import build_auth, build_signer
     from dpop_signer.service.metrics import Metrics
     from dpop_signer.service.proxy import ProxyState, create_proxy_app
     from dpop_signer.service.runner import serve_app

@@ -8,9 +8,11 @@ server and URL.
 * ``httpx.Client``: `DPoPAuth` (token cached, a fresh proof per request) with a `PemSigner`
   and with the SoftHSM2 `Pkcs11Signer`, each against a client that sends a fixed
   ``Authorization: Bearer`` header, in a rotation of just the two (a SoftHSM2 signature in
-  between would leave cold caches to the in-memory one). One more row, for diagnosis, sends
-  the Bearer header plus a fixed, pre-built ``DPoP`` header: what a proof's ~0.5 KB costs on the
-  wire and in the server, without signing.
+  between would leave cold caches to the in-memory one). Two more rows, for diagnosis: the
+  Bearer header plus a fixed, pre-built ``DPoP`` header (what a proof's ~0.5 KB costs on the
+  wire and in the server, without signing), and the same client signing a proof's signing
+  input with the same key before each request: the floor for any client that sends a fresh
+  proof per request; `DPoPAuth`'s own cost is the gap between it and `DPoPAuth`'s row.
 * ``httpx.AsyncClient``: the same pair, one request at a time on one event loop
   (``run_until_complete`` per request; both sides pay for it alike).
 * 1,000 concurrent requests: a fresh `DPoPAuth` on an ``AsyncClient`` and 1,000 tasks started
@@ -128,6 +130,27 @@ def sync_pairs(
     )
     pairs.append(
         (wire, Variant("httpx.Client + fixed Bearer", getter(httpx.Client(headers=bearer))), None)
+    )
+    # The floor for any DPoP client on this machine: the request with the proof-sized header
+    # plus one signature of a proof's signing input with the same key, and nothing else.
+    signer = signers["PemSigner"][0]
+    signed_client = httpx.Client(headers={**bearer, "DPoP": proof})
+    clients.append(signed_client)
+    message = proof.rsplit(".", 1)[0].encode("ascii")
+
+    def sign_then_get() -> object:
+        signer.sign(message)
+        return signed_client.get(f"{base}/api")
+
+    pairs.append(
+        (
+            Variant(
+                "httpx.Client + fixed Bearer + one PemSigner.sign (no DPoPAuth; diagnosis)",
+                sign_then_get,
+            ),
+            Variant("httpx.Client + fixed Bearer", getter(httpx.Client(headers=bearer))),
+            None,
+        )
     )
     closers.extend(client.close for client in clients)
     return pairs

@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 INTEROP := tests/interop
 NODE_STAMP := $(INTEROP)/node_modules/.installed
 SOFTHSM_DIR := .softhsm
+BENCH_ARGS ?=
 export SOFTHSM2_CONF ?= $(CURDIR)/$(SOFTHSM_DIR)/softhsm2.conf
 PYTEST_ARGS ?=
 
@@ -58,8 +59,8 @@ fmt: install  ## format and fix what ruff can
 test: install system-deps node-deps lint  ## everything: install, lint, type check, all tests
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: install system-deps softhsm  ## benchmarks (not part of make test)
-	@set -a; . $(SOFTHSM_DIR)/dev.env; set +a; $(BIN)/python -m bench
+bench: install system-deps softhsm  ## benchmarks, one table (not part of make test; BENCHMARKS.md)
+	@set -a; . $(SOFTHSM_DIR)/dev.env; set +a; $(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv, node_modules and the development token
 	rm -rf $(VENV) $(INTEROP)/node_modules $(SOFTHSM_DIR) .mypy_cache .ruff_cache .pytest_cache

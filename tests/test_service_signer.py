@@ -156,12 +156,17 @@ class Timed(Switchable):
     def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
         super().__init__(key)
         self.delay = 0.0
+        # Extra time in the worker thread only: what a GIL wait adds to a thread's timing.
+        self.off_loop_delay = 0.0
+        self.loop_thread = threading.get_ident()
         self.threads: list[int] = []
 
     def sign(self, message: bytes) -> bytes:
         self.threads.append(threading.get_ident())
         if self.delay:
             time.sleep(self.delay)
+        if self.off_loop_delay and threading.get_ident() != self.loop_thread:
+            time.sleep(self.off_loop_delay)
         return super().sign(message)
 
 
@@ -247,5 +252,52 @@ def test_a_reopened_key_is_measured_again_before_inline_signing():
         assert not signer.signs_inline
         assert second.threads
         assert second.threads[0] != threading.get_ident()
+    finally:
+        signer.close()
+
+
+def test_a_key_timed_slow_in_the_thread_is_probed_inline_and_stays_there():
+    key = Timed(KEY)
+    key.off_loop_delay = 0.001  # the thread's timings read 1 ms: a GIL wait under load
+    clock = Clock()
+    signer = ServiceSigner(Opener(key), clock=clock)
+    loop_thread = threading.get_ident()
+    try:
+        _sign_many(signer, 30)
+        assert not signer.signs_inline
+        assert loop_thread not in key.threads  # no probe before its time
+        clock.now += 1.5
+        before = len(key.threads)
+        _sign_many(signer, 10)
+        assert key.threads[before] == loop_thread  # the probe, on the loop
+        assert signer.signs_inline  # fast on the loop: it stays there
+        assert key.threads[before:].count(loop_thread) == 10
+    finally:
+        signer.close()
+
+
+def test_a_slow_key_is_probed_rarely_and_less_often_each_time():
+    key = Timed(KEY)
+    key.delay = 0.003
+    clock = Clock()
+    signer = ServiceSigner(Opener(key), clock=clock)
+    loop_thread = threading.get_ident()
+
+    def on_loop_after(seconds: float) -> int:
+        clock.now += seconds
+        before = len(key.threads)
+        _sign_many(signer, 5)
+        return key.threads[before:].count(loop_thread)
+
+    try:
+        assert on_loop_after(0) == 0  # warm-up, in the thread
+        assert on_loop_after(0) == 0
+        assert on_loop_after(1.0) == 1  # the first probe: slow, so it goes on offloaded
+        assert not signer.signs_inline
+        assert on_loop_after(1.5) == 0  # the next one waits twice as long
+        assert on_loop_after(0.5) == 1
+        assert on_loop_after(3.9) == 0  # then four times
+        assert on_loop_after(0.1) == 1
+        assert not signer.signs_inline
     finally:
         signer.close()

@@ -97,6 +97,19 @@ def start_server() -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("the loopback server did not start")
 
 
+class FixedSignature:
+    """A stand-in signer that returns one valid signature every time: DPoPAuth minus signing."""
+
+    algorithm = "ES256"
+
+    def __init__(self, signer: Any) -> None:
+        self.public_jwk = signer.public_jwk
+        self._signature: bytes = signer.sign(b"a proof-sized signing input")
+
+    def sign(self, message: bytes) -> bytes:
+        return self._signature
+
+
 def _auth(signer: Any, base: str) -> Any:
     from dpop_signer import DPoPAuth
 
@@ -148,6 +161,18 @@ def sync_pairs(
                 "httpx.Client + fixed Bearer + fixed DPoP header + one PemSigner.sign (the floor)",
                 sign_then_get,
             ),
+            Variant("httpx.Client + fixed Bearer", getter(httpx.Client(headers=bearer))),
+            None,
+        )
+    )
+    # DPoPAuth without the signature, on the same sockets: its own cost in this loop.
+    unsigned = Variant(
+        "httpx.Client + DPoPAuth with a fixed signature (diagnosis)",
+        getter(httpx.Client(auth=_auth(FixedSignature(signer), base))),
+    )
+    pairs.append(
+        (
+            unsigned,
             Variant("httpx.Client + fixed Bearer", getter(httpx.Client(headers=bearer))),
             None,
         )
@@ -205,18 +230,12 @@ def own_cost_pair(signer: Any, closers: list[Callable[[], None]]) -> tuple[Varia
             return httpx.Response(200, json=body)
         return httpx.Response(200, text="ok")
 
-    signature: bytes = signer.sign(b"a proof-sized signing input")
-
-    class FixedSignature:
-        algorithm = "ES256"
-        public_jwk = signer.public_jwk
-
-        def sign(self, message: bytes) -> bytes:
-            return signature
-
     transport = httpx.MockTransport(answer)
     auth = DPoPAuth(
-        FixedSignature(), token_url="https://as.test/token", client_id="bench", client_secret="x"
+        FixedSignature(signer),
+        token_url="https://as.test/token",
+        client_id="bench",
+        client_secret="x",
     )
     ours = httpx.Client(transport=transport, auth=auth)
     proof = auth.headers(ours, "GET", "https://api.test/api")["DPoP"]

@@ -162,28 +162,24 @@ def pem_variants(ec_key: ec.EllipticCurvePrivateKey) -> tuple[list[Variant], str
     ath = access_token_hash(TOKEN)
     pyjwt_headers = {"typ": "dpop+jwt", "jwk": jwk}
 
-    def pyjwt() -> str:
-        claims = {
+    def claims() -> dict[str, object]:
+        # What a peer must compute per proof; htu and ath are handed to it precomputed.
+        return {
             "jti": secrets.token_urlsafe(16),
             "htm": "GET",
             "htu": HTU,
             "iat": int(time.time()),
             "ath": ath,
         }
-        return jwt.encode(claims, ec_key, algorithm="ES256", headers=pyjwt_headers)
+
+    def pyjwt() -> str:
+        return jwt.encode(claims(), ec_key, algorithm="ES256", headers=pyjwt_headers)
 
     joserfc_key = ECKey.import_key(ec_key)
     joserfc_header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk}
 
     def joserfc() -> str:
-        claims = {
-            "jti": secrets.token_urlsafe(16),
-            "htm": "GET",
-            "htu": HTU,
-            "iat": int(time.time()),
-            "ath": ath,
-        }
-        return joserfc_jwt.encode(joserfc_header, claims, joserfc_key)
+        return joserfc_jwt.encode(joserfc_header, claims(), joserfc_key)
 
     dpop_key = DPoPKey(ec_key, alg="ES256")  # jwskate imports the same cryptography key
 

@@ -301,3 +301,24 @@ def test_a_slow_key_is_probed_rarely_and_less_often_each_time():
         assert not signer.signs_inline
     finally:
         signer.close()
+
+
+def test_after_a_stall_the_next_probe_waits_its_turn():
+    key = Timed(KEY)
+    clock = Clock()
+    signer = ServiceSigner(Opener(key), clock=clock)
+    loop_thread = threading.get_ident()
+    try:
+        _sign_many(signer, 500, until_inline=True)
+        clock.now += 10  # long after the first probe would have been due
+        key.delay = 0.005
+        _sign_many(signer, 1)  # the stall, inline
+        before = len(key.threads)
+        _sign_many(signer, 5)
+        assert loop_thread not in key.threads[before:]  # no probe right after the stall
+        clock.now += 1.0
+        before = len(key.threads)
+        _sign_many(signer, 5)
+        assert key.threads[before:].count(loop_thread) == 1
+    finally:
+        signer.close()

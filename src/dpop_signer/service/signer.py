@@ -173,6 +173,9 @@ class ServiceSigner:
                 signature = inner.sign(message)
                 elapsed = time.perf_counter() - started
                 self._learn(elapsed)
+                if elapsed >= _STALL:
+                    # Back to the thread: the next probe is a full wait away, not due at once.
+                    self._next_probe = self._clock() + self._probe_wait
             elif self._probe_due():
                 signature = inner.sign(message)
                 elapsed = time.perf_counter() - started

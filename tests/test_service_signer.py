@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from dpop_signer.errors import PinError, SignerUnavailableError
 from dpop_signer.jwk import EcPublicJwk
+from dpop_signer.service import signer as service_signer
 from dpop_signer.service.metrics import Metrics
 from dpop_signer.service.signer import ServiceSigner
 from dpop_signer.signers.pem import PemSigner
@@ -203,10 +204,11 @@ def test_a_fast_key_is_measured_off_the_loop_first_then_signed_inline():
         signer.close()
 
 
-def test_a_slow_key_is_never_signed_on_the_event_loop():
+def test_a_slow_key_is_signed_off_the_event_loop_between_probes():
     key = Timed(KEY)
     key.delay = 0.005  # a network HSM round trip: well above the inline threshold
-    signer = ServiceSigner(Opener(key))
+    # A clock that stands still: no probe falls due (probes have their own tests below).
+    signer = ServiceSigner(Opener(key), clock=Clock())
     try:
         _sign_many(signer, 20)
         assert not signer.signs_inline
@@ -276,7 +278,11 @@ def test_a_key_timed_slow_in_the_thread_is_probed_inline_and_stays_there():
         signer.close()
 
 
-def test_a_slow_key_is_probed_rarely_and_less_often_each_time():
+def test_a_slow_key_is_probed_rarely_and_less_often_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Whole seconds, so the clock's sums are exact; the rule is the same at 0.1 s.
+    monkeypatch.setattr(service_signer, "_PROBE_FIRST", 1.0)
     key = Timed(KEY)
     key.delay = 0.003
     clock = Clock()
@@ -320,5 +326,34 @@ def test_after_a_stall_the_next_probe_waits_its_turn():
         before = len(key.threads)
         _sign_many(signer, 5)
         assert key.threads[before:].count(loop_thread) == 1
+    finally:
+        signer.close()
+
+
+def test_a_probe_happens_under_load_when_the_thread_is_never_empty():
+    key = Timed(KEY)
+    key.off_loop_delay = 0.001  # thread timings look slow, as with a GIL wait under load
+    clock = Clock()
+    signer = ServiceSigner(Opener(key), clock=clock)
+    loop_thread = threading.get_ident()
+    messages = [b"header.claims%d" % i for i in range(40)]
+
+    async def burst() -> list[bytes]:
+        first = [asyncio.ensure_future(signer.sign_async(m)) for m in messages[:20]]
+        await asyncio.sleep(0)  # the first 20 are now queued in the thread (1 ms each)
+        clock.now += 1.5  # the probe falls due while the thread is busy
+        second = [asyncio.ensure_future(signer.sign_async(m)) for m in messages[20:]]
+        return list(await asyncio.gather(*first, *second))
+
+    try:
+        _sign_many(signer, 20)
+        assert not signer.signs_inline
+        assert loop_thread not in key.threads
+        before = len(key.threads)
+        signatures = asyncio.run(burst())
+        for message, signature in zip(messages, signatures, strict=True):
+            verify_es256(dict(signer.public_jwk), message, signature)
+        assert loop_thread in key.threads[before:]  # the probe ran, on the loop
+        assert signer.signs_inline
     finally:
         signer.close()

@@ -33,12 +33,14 @@ service``). So the service measures the key and picks:
 - one inline signature slower than `_STALL` (2 ms) sets the average to that time, so the next
   signatures go back to the thread; they return inline only once the token is fast again;
 - while offloaded, one signature every `_PROBE_FIRST` seconds (doubling after each slow probe,
-  up to `_PROBE_MAX`) is made inline as a probe, and its time replaces the average. Timings
+  up to `_PROBE_MAX`) is made inline as a probe, and its time replaces the average; the probe
+  first lets the signatures already in the thread finish (new ones wait with it), so it is
+  not timed with a wait for the module lock. Timings
   taken in the worker thread include the wait for the GIL, which under load (8 connections,
   SoftHSM2) read 1.5 ms for a 0.1 ms signature, so a fast key stayed offloaded for the rest
-  of the run at two thirds of the inline rate; the probe brings it back within a second. A
-  slow key costs the loop one signature's time per probe: one 5 ms stall, then one per 2, 4,
-  ... 60 s.
+  of the run at two thirds of the inline rate; the probe brings it back within 0.1 s. A slow
+  key costs the loop one signature's time per probe: a 5 ms stall after 0.1 s, then after
+  0.2, 0.4, ... and at most once a minute.
 
 Why blocking is bounded: the service is the only user of its signer, an inline signature starts
 only when none of its own is in flight (so no module lock is held by its worker), and every
@@ -78,7 +80,7 @@ _ALPHA = 0.2
 """Weight of the newest signature in the moving average."""
 _WARMUP = 8
 """Signatures timed in the worker thread before the first inline one."""
-_PROBE_FIRST = 1.0
+_PROBE_FIRST = 0.1
 """Seconds an offloaded key waits for its first inline probe; doubled after each slow one."""
 _PROBE_MAX = 60.0
 """Longest wait between two probes of a key that stays slow."""
@@ -123,6 +125,8 @@ class ServiceSigner:
         self._offloaded = 0  # signatures running in the worker thread now
         self._probe_wait = _PROBE_FIRST
         self._next_probe = clock() + _PROBE_FIRST
+        # Futures of callers waiting for the worker to empty before an inline probe.
+        self._drain_waiters: list[asyncio.Future[None]] = []
 
     @property
     def signs_inline(self) -> bool:
@@ -167,6 +171,10 @@ class ServiceSigner:
                     inner = await asyncio.get_running_loop().run_in_executor(
                         None, self._reopen_blocking
                     )
+        if self._drain_waiters:
+            # A probe is waiting for the worker to empty: wait with it rather than refill the
+            # worker, then decide afresh (the probe will have run first).
+            await self._drained()
         started = time.perf_counter()
         try:
             if self.signs_inline:
@@ -177,6 +185,11 @@ class ServiceSigner:
                     # Back to the thread: the next probe is a full wait away, not due at once.
                     self._next_probe = self._clock() + self._probe_wait
             elif self._probe_due():
+                if self._offloaded:
+                    # Under load something is nearly always in the thread; let it finish so
+                    # the probe neither waits on the module lock nor is timed with that wait.
+                    await self._drained()
+                    started = time.perf_counter()
                 signature = inner.sign(message)
                 elapsed = time.perf_counter() - started
                 self._probed(elapsed)
@@ -202,14 +215,26 @@ class ServiceSigner:
             )
         finally:
             self._offloaded -= 1
+            if not self._offloaded:
+                waiters, self._drain_waiters = self._drain_waiters, []
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
         if inner is self._inner:
             self._learn(seconds)
         return signature
 
+    async def _drained(self) -> None:
+        """Return once no signature of ours is in the worker thread."""
+        if not self._offloaded:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
     def _probe_due(self) -> bool:
-        if self._samples < _WARMUP or self._offloaded:
-            # Not measured yet, or the worker may hold the module lock: no inline probe now.
-            return False
+        if self._samples < _WARMUP:
+            return False  # not measured yet
         now = self._clock()
         if now < self._next_probe:
             return False

@@ -158,3 +158,71 @@ def write_api_key(path: Path) -> str:
     path.write_text(key + "\n")
     path.chmod(0o600)
     return key
+
+
+def start_service_limited(
+    args: list[str],
+    log_dir: Path,
+    *,
+    nofile: int,
+    env: Mapping[str, str] | None = None,
+    api_key: str | None = None,
+) -> ServiceProcess:
+    """`start_service` with the child's open-files limit (soft and hard) set to ``nofile``.
+
+    The limit is set in the child only (``preexec_fn``), never on the test runner.
+    """
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "stdout", "wb") as out, open(log_dir / "stderr", "wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dpop_signer", *args],
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=clean_env(env),
+            preexec_fn=limit,
+        )
+    service = ServiceProcess(process, log_dir, api_key=api_key)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        for event in _safe_events(log_dir):
+            if event.get("event") == "listening":
+                service.address = str(event["address"])
+                return service
+        if process.poll() is not None:
+            raise AssertionError(
+                f"dpop exited with {process.returncode} before listening:\n"
+                + service.logs()[-3000:]
+            )
+        time.sleep(0.05)
+    service.stop(signal.SIGKILL)
+    raise AssertionError(f"dpop did not listen within {START_TIMEOUT} s:\n{service.logs()[-3000:]}")
+
+
+def raw_exchange(address: str, request: bytes, *, timeout: float = 10.0) -> bytes:
+    """Send ``request`` bytes as they are (no client normalizes them) and read until close."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def status_of(response: bytes) -> int:
+    """The status code of a raw HTTP/1.1 response (0 when there is none)."""
+    parts = response.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0

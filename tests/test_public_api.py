@@ -1,4 +1,4 @@
-"""The public surface that outside checks call (DESIGN.md, "Contracts"): pinned by hand.
+"""The public surface that outside checks call (docs/architecture.md, "Contracts"): pinned by hand.
 
 Adding a public name is a decision; removing or renaming one breaks callers. Either must show
 up here as a deliberate edit, as httpx pins its own ``__all__``.
@@ -14,7 +14,7 @@ import pytest
 import dpop_signer
 from dpop_signer.signers.base import close_signer
 
-# The names DESIGN.md promises importable from dpop_signer, plus the rest of the error tree.
+# The names the contract promises importable from dpop_signer, plus the rest of the error tree.
 CONTRACT = {
     "Signer",
     "PemSigner",
@@ -31,6 +31,7 @@ EXPORTED = CONTRACT | {
     "ClientCredentialsTokenSource",
     "ConfigError",
     "InvalidTokenResponseError",
+    "KeyChangedError",
     "KeyNotFoundError",
     "NonceCache",
     "OAuthError",
@@ -38,6 +39,7 @@ EXPORTED = CONTRACT | {
     "ProofError",
     "ServerUnreachableError",
     "SignerError",
+    "SignerTimeoutError",
     "SignerUnavailableError",
     "SigningFailedError",
     "TokenEndpointError",
@@ -61,15 +63,17 @@ def test_every_exported_name_resolves(name: str) -> None:
 
 def test_every_deliberate_error_derives_from_the_base() -> None:
     errors = [getattr(dpop_signer, n) for n in EXPORTED if n.endswith("Error")]
-    assert len(errors) == 15
+    assert len(errors) == 17
     for error in errors:
         assert issubclass(error, dpop_signer.DPoPSignerError), error
 
 
 def test_call_signatures_match_the_contract() -> None:
     load = inspect.signature(dpop_signer.load_signer).parameters
-    assert list(load) == ["ref", "pin"]
+    assert list(load) == ["ref", "pin", "sign_timeout"]
     assert load["pin"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert load["sign_timeout"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert load["sign_timeout"].default == 5.0
     generate = inspect.signature(dpop_signer.generate_key).parameters
     assert list(generate) == ["ref", "pin"]
     build = inspect.signature(dpop_signer.DPoPProofBuilder.build).parameters

@@ -477,7 +477,11 @@ def test_wrong_methods_and_paths_get_4xx(svc: ServiceProcess):
 
 def test_health_metrics_and_openapi_need_no_key(svc: ServiceProcess):
     with httpx.Client(base_url=svc.url, trust_env=False) as anonymous:
-        assert anonymous.get("/healthz").json() == {"status": "ok", "signer": "available"}
+        assert anonymous.get("/healthz").json() == {
+            "status": "ok",
+            "signer": "available",
+            "reason": None,
+        }
         document = anonymous.get("/openapi.json").json()
         assert document["openapi"].startswith("3.")
         assert {"/v1/proof", "/v1/headers", "/v1/jwk", "/healthz"} <= set(document["paths"])

@@ -39,10 +39,10 @@ from dpop_signer import (
 from dpop_signer.signers import AsyncSigner, Signer, sign_async
 from dpop_signer.signers.pkcs11 import (
     Pkcs11Signer,
-    _decode_ec_point,
     generate_pkcs11_key,
     open_pkcs11_signer,
 )
+from dpop_signer.signers.pkcs11_keys import decode_ec_point
 from dpop_signer.signers.pkcs11_uri import (
     Pkcs11Uri,
     parse_pkcs11_uri,
@@ -248,12 +248,12 @@ def test_module_precedence_uri_environment_softhsm() -> None:
 
 def test_ec_point_accepts_wrapped_and_bare_and_refuses_compressed() -> None:
     point = b"\x04" + bytes(range(64))
-    assert _decode_ec_point(b"\x04\x41" + point, "k") == point  # DER OCTET STRING (PKCS#11)
-    assert _decode_ec_point(point, "k") == point  # bare, as some older modules store it
+    assert decode_ec_point(b"\x04\x41" + point, "k") == point  # DER OCTET STRING (PKCS#11)
+    assert decode_ec_point(point, "k") == point  # bare, as some older modules store it
     with pytest.raises(UnsupportedKeyError, match="compressed"):
-        _decode_ec_point(b"\x04\x21\x02" + bytes(32), "k")
+        decode_ec_point(b"\x04\x21\x02" + bytes(32), "k")
     with pytest.raises(UnsupportedKeyError, match="OCTET STRING"):
-        _decode_ec_point(b"\x30\x00", "k")
+        decode_ec_point(b"\x30\x00", "k")
 
 
 # --- the signer on a real token -----------------------------------------------------------
@@ -389,7 +389,7 @@ def test_last_close_logs_out_and_a_new_open_logs_in_again(softhsm: SoftHsmToken)
         s = generate_pkcs11_key(uri, pin="1234")
         module = s.module
         s.close()
-        assert module.call(lambda: len(module._anchors)) == 0
+        assert module.call(lambda: len(module.anchors)) == 0
         s = open_pkcs11_signer(s.uri, pin="1234")
         assert len(s.sign(b"again")) == 64
         s.close()

@@ -7,12 +7,26 @@
 
 What happens per request:
 
+0. The request takes one of ``max_in_flight`` slots (default 100, httpx's default pool size)
+   and keeps it until its response is in. The proof is signed only once the slot is held, so
+   it is not signed with the nonce and token of the moment and then left to age in the
+   connection pool's queue: 1,000 gathered requests on a 100-connection pool would otherwise
+   reach servers with nonces and tokens that expired while they waited.
 1. The client_credentials token is taken from the cache, or fetched through the *same* client
    (the token request is yielded from the auth flow, so it goes through the application's
-   transport, proxies, mocks and timeouts). One fetch at a time: concurrent requests wait for
-   it (a ``threading.Lock`` in `httpx.Client`, an ``asyncio.Lock`` per event loop in
-   `httpx.AsyncClient`). The token is renewed ``leeway`` seconds before it expires (at most half
-   its lifetime early).
+   transport, proxies, mocks and timeouts). One fetch at a time, and its outcome is shared:
+   requests that waited for it (a ``threading.Lock`` in `httpx.Client`, an ``asyncio.Lock``
+   per event loop in `httpx.AsyncClient`) get its token, or its error, without a fetch of
+   their own. The token is renewed ``leeway`` seconds before it expires (at most half its
+   lifetime early) by the first request that finds it due; the others keep using it and do
+   not wait. Only a request without a token it can still send (none, expired, or rejected
+   with ``invalid_token``) waits for a fetch.
+
+   After a failed fetch the token endpoint is not asked again for a while: exponential
+   backoff with jitter (about 1, 2, 4 ... s, capped at 60 s), longer if the server sent
+   ``Retry-After`` (RFC 9110 §10.2.3; honoured up to 300 s). Meanwhile requests that still
+   have a valid token use it; the others fail at once with the last error (its
+   ``retry_after`` says when the next attempt is due) instead of each waiting for a timeout.
 2. ``Authorization: DPoP <token>`` and ``DPoP: <proof>`` are set; the proof has ``ath`` and the
    origin's nonce if one is known.
 3. The response is checked without reading its body (streamed responses stay streamed):
@@ -36,14 +50,26 @@ Errors: everything raised on purpose is a `DPoPSignerError`. Connection errors a
 - token request in `get_token`, `aget_token`, `headers`, `aheaders`, and inside
   ``httpx.Client`` requests: `ServerUnreachableError`, chained from the httpx exception;
 - token request inside ``httpx.AsyncClient`` requests: the httpx exception itself
-  (``httpx.ConnectError``, ``httpx.ConnectTimeout``, ...), because httpx closes an async auth
-  flow without telling it why (call `aget_token` first to get `ServerUnreachableError`);
+  (``httpx.ConnectError``, ``httpx.ConnectTimeout``, ...) for the request that sent it,
+  because httpx closes an async auth flow without telling it why (call `aget_token` first to
+  get `ServerUnreachableError`);
+- a failure shared with a request that waited for the fetch, or met during the backoff: a new
+  error of the failed fetch's class (`ServerUnreachableError` for a transport error), with
+  ``retry_after``;
 - the API request itself: always the httpx exception, exactly as without this auth.
- A request body that is a one-shot stream (a generator)
-is never re-sent: a retry it would need raises `UseDPoPNonceError` or `OAuthError` instead.
+
+The renewal of a still-valid token never fails the caller in `get_token`, `aget_token`,
+`headers` and `aheaders` (what ``dpop serve`` uses): it gets the valid token. Inside an httpx
+request, a renewal whose token request cannot get through fails that one request (httpx ends
+an auth flow whose request failed); the failure is shared and backed off all the same, so
+every other request keeps using the valid token. A request body that is a one-shot stream (a
+generator) is never re-sent: a retry it would need raises `UseDPoPNonceError` or `OAuthError`
+instead.
 
 The protocol logic lives in plain generators that do no I/O, do not sign and take no locks:
-they yield small steps (sign these bytes, send this request, take or release the fetch lock).
+they yield small steps (sign these bytes, send this request, take or release the fetch lock,
+take a request slot). The token cache, the outcome of the last fetch and the backoff are
+state of this object, updated only by the generator that holds the fetch lock.
 `sync_auth_flow` and `async_auth_flow` are thin drivers that carry the steps out, signing
 through ``signer.sign`` or the signer's async path, and reading token-response bodies only.
 
@@ -54,9 +80,11 @@ counts and clock offsets; never a token, proof, nonce or secret.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import math
+import random
 import threading
 import time
 import weakref
@@ -88,6 +116,19 @@ T = TypeVar("T")
 _MIN_SKEW = 2.0
 """Offsets smaller than this are noise: ``Date`` has one-second resolution, plus latency."""
 
+_BACKOFF_FIRST = 1.0
+"""Seconds before the token endpoint is asked again after one failed fetch (before jitter)."""
+_BACKOFF_CAP = 60.0
+"""The backoff doubles with each failed fetch in a row up to this many seconds."""
+_RETRY_AFTER_CAP = 300.0
+"""A server's ``Retry-After`` is honoured up to this many seconds (a longer one is a typo or
+hostile; five minutes without a token is already an outage)."""
+_EXPIRY_MARGIN = 1.0
+"""A token is not sent in its last second (at most a quarter of its lifetime): it would expire
+on the way or in the server's queue."""
+
+_random = random.SystemRandom()
+
 
 class _Sign(NamedTuple):
     signer: Signer
@@ -100,11 +141,20 @@ class _Send(NamedTuple):
 
 
 class _Lock(enum.Enum):
+    """The token fetch lock. ``TRY_ACQUIRE`` never waits; the driver replies whether it got it."""
+
     ACQUIRE = "acquire"
+    TRY_ACQUIRE = "try_acquire"
     RELEASE = "release"
 
 
-_Step = _Sign | _Send | _Lock
+class _Slot(enum.Enum):
+    """One of ``max_in_flight`` request slots, held until the flow ends (the driver frees it)."""
+
+    ACQUIRE = "acquire"
+
+
+_Step = _Sign | _Send | _Lock | _Slot
 _Flow = Generator[_Step, Any, T]
 
 
@@ -112,7 +162,26 @@ _Flow = Generator[_Step, Any, T]
 class _Cached:
     token: AccessToken
     renew_at: float | None  # client clock; None: no expiry known, renewed only on 401
+    expire_at: float | None  # client clock; from then on the token is not sent any more
     authorization: str  # the Authorization header value, built once per token
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """The outcome of the last token fetch when it failed: shared by everyone who waited."""
+
+    error: OAuthError
+    count: int  # failed fetches in a row
+    retry_at: float  # client clock: no token request before this
+
+
+class _AsyncGate:
+    """The fetch lock and the request slots of one event loop (asyncio objects are per loop)."""
+
+    def __init__(self, slots: int | None) -> None:
+        self.lock = asyncio.Lock()
+        self.waiting = 0  # tasks waiting in ACQUIRE: a TRY_ACQUIRE must not queue behind them
+        self.slots = None if slots is None else asyncio.Semaphore(slots)
 
 
 class DPoPAuth(httpx.Auth):
@@ -130,10 +199,14 @@ class DPoPAuth(httpx.Auth):
         resource: RFC 8707 resource indicator(s) for the token request.
         audience: An ``audience`` token request parameter.
         leeway: Renew this many seconds before the token expires (at most half its lifetime).
+            Renewal does not hold up requests while the token is still valid.
         accept_bearer: Accept a ``Bearer`` token from the token endpoint (sent with the
             ``Bearer`` scheme, still with a proof). Off: a downgrade is an error.
         nonces: A shared `NonceCache`; by default each auth has its own.
-        clock: Seconds since the epoch, for expiry, ``iat`` and clock-offset measurement.
+        clock: Seconds since the epoch, for expiry, backoff, ``iat`` and clock offsets.
+        max_in_flight: Requests of this auth that may be past signing at once; the others
+            wait before they sign, not after. Set it to the client's
+            ``limits.max_connections`` (httpx's default is 100); ``None``: no bound.
 
     Raises:
         ConfigError: missing or contradictory settings.
@@ -158,7 +231,16 @@ class DPoPAuth(httpx.Auth):
         accept_bearer: bool = False,
         nonces: NonceCache | None = None,
         clock: Callable[[], float] = time.time,
+        max_in_flight: int | None = 100,
     ) -> None:
+        if max_in_flight is not None and (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
+            raise ConfigError(
+                f"max_in_flight must be a positive integer or None, not {max_in_flight!r}"
+            )
         if (
             isinstance(leeway, bool)
             or not isinstance(leeway, int | float)
@@ -184,14 +266,20 @@ class DPoPAuth(httpx.Auth):
         self._clock = clock
         self._leeway = float(leeway)
         self._cached: _Cached | None = None
+        self._failure: _Failure | None = None
+        self._fetches = 0  # finished fetches, failed or not: tells a waiter its fetch is done
         self._token_requests = 0
         self._skew: float | None = None
         self._last_date: str | None = None
+        self._max_in_flight = max_in_flight
         self._sync_lock = threading.Lock()
-        self._async_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+        self._sync_slots = (
+            None if max_in_flight is None else threading.BoundedSemaphore(max_in_flight)
+        )
+        self._async_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncGate] = (
             weakref.WeakKeyDictionary()
         )
-        self._async_locks_guard = threading.Lock()
+        self._async_gates_guard = threading.Lock()
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -238,8 +326,12 @@ class DPoPAuth(httpx.Auth):
     def get_token(self, client: httpx.Client) -> AccessToken:
         """The current token: cached, or fetched through ``client`` (one fetch at a time).
 
+        A token that is due for renewal but still valid is returned when the renewal fails.
+
         Raises:
-            OAuthError: the token endpoint refused, failed or could not be reached.
+            OAuthError: the token endpoint refused, failed or could not be reached, now or in
+                the fetch this call waited for, or it is backing off after such a failure
+                (``retry_after`` says for how long).
             SignerError: the signer failed.
         """
         runner = self._run_sync(self._token(None, _timeout_of(client)))
@@ -250,7 +342,10 @@ class DPoPAuth(httpx.Auth):
                     # auth=None: the token request must not go through this auth (or any other).
                     response = client.send(request, auth=None)
                 except httpx.TransportError as exc:
-                    raise self._unreachable(exc) from exc
+                    # Into the flow: it records the failure for everyone and may still answer
+                    # with a token that has not expired.
+                    request = runner.throw(self._unreachable(exc))
+                    continue
                 request = runner.send(response)
             raise OAuthError("token fetch did not finish; this is a bug in dpop-signer")
         except StopIteration as stop:
@@ -269,7 +364,8 @@ class DPoPAuth(httpx.Auth):
                 try:
                     response = await client.send(request, auth=None)
                 except httpx.TransportError as exc:
-                    raise self._unreachable(exc) from exc
+                    request = await runner.athrow(self._unreachable(exc))
+                    continue
                 request = await runner.asend(response)
             raise OAuthError("token fetch did not finish; this is a bug in dpop-signer")
         except StopAsyncIteration:
@@ -326,14 +422,16 @@ class DPoPAuth(httpx.Auth):
 
     def _run_sync(self, flow: _Flow[T]) -> Generator[httpx.Request, httpx.Response, T]:
         reply: Any = None
-        locked = False
+        error: OAuthError | None = None  # a failed token request, for the flow to handle
+        locked = slot = False
         try:
             while True:
                 try:
-                    step = flow.send(reply)
+                    step = flow.send(reply) if error is None else flow.throw(error)
                 except StopIteration as stop:
                     result: T = stop.value
                     return result
+                reply = error = None
                 if isinstance(step, _Sign):
                     reply = step.signer.sign(step.message)
                 elif isinstance(step, _Send):
@@ -342,81 +440,130 @@ class DPoPAuth(httpx.Auth):
                     except GeneratorExit as exit_:
                         # The client closes the flow when sending failed; a transport error on
                         # the token request is the token endpoint being unreachable.
-                        self._raise_unreachable(step, exit_.__context__)
+                        cause = exit_.__context__
+                        if step.token_request and isinstance(cause, httpx.TransportError):
+                            unreachable = self._unreachable(cause)
+                            _record(flow, unreachable)
+                            raise unreachable from cause
                         raise
+                    except OAuthError as exc:  # thrown in by get_token: the send failed
+                        if not step.token_request:
+                            raise
+                        error = exc
+                        continue
                     if step.token_request:
                         try:
                             reply.read()
                         except httpx.TransportError as exc:
-                            raise self._unreachable(exc) from exc
+                            error = self._unreachable(exc)
                 elif step is _Lock.ACQUIRE:
                     self._sync_lock.acquire()
                     locked = True
-                else:
+                elif step is _Lock.TRY_ACQUIRE:
+                    reply = locked = self._sync_lock.acquire(blocking=False)
+                elif step is _Lock.RELEASE:
                     self._sync_lock.release()
                     locked = False
+                elif self._sync_slots is not None and not slot:  # _Slot.ACQUIRE
+                    self._sync_slots.acquire()
+                    slot = True
         finally:
             if locked:
                 self._sync_lock.release()
+            if slot and self._sync_slots is not None:
+                self._sync_slots.release()
             flow.close()
 
     async def _run_async(
         self, flow: _Flow[Any], result: list[Any] | None
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         reply: Any = None
-        lock: asyncio.Lock | None = None
+        error: OAuthError | None = None
+        gate = self._async_gate()
+        locked = slot = False
         try:
             while True:
                 try:
-                    step = flow.send(reply)
+                    step = flow.send(reply) if error is None else flow.throw(error)
                 except StopIteration as stop:
                     if result is not None:
                         result.append(stop.value)
                     return
+                reply = error = None
                 if isinstance(step, _Sign):
                     reply = await sign_async(step.signer, step.message)
                 elif isinstance(step, _Send):
-                    # Unlike the sync driver, a transport error cannot be seen here: aclose()
-                    # throws GeneratorExit into an async generator without the exception
-                    # that caused it, so httpx's own error reaches the caller unchanged.
-                    reply = yield step.request
+                    try:
+                        reply = yield step.request
+                    except GeneratorExit:
+                        # Unlike the sync driver, the cause cannot be seen here: aclose()
+                        # throws GeneratorExit into an async generator without the exception
+                        # that caused it, so httpx's own error reaches the caller unchanged.
+                        # Not a cancellation: the send failed, and the waiters must know.
+                        if step.token_request and not _cancelling():
+                            _record(flow, self._token_request_failed())
+                        raise
+                    except OAuthError as exc:  # thrown in by aget_token: the send failed
+                        if not step.token_request:
+                            raise
+                        error = exc
+                        continue
                     if step.token_request:
                         try:
                             await reply.aread()
                         except httpx.TransportError as exc:
-                            raise self._unreachable(exc) from exc
+                            error = self._unreachable(exc)
                 elif step is _Lock.ACQUIRE:
-                    # Assigned only once held: a task cancelled while waiting must not release.
-                    waiting = self._async_lock()
-                    await waiting.acquire()
-                    lock = waiting
-                elif lock is not None:
-                    lock.release()
-                    lock = None
+                    # Flagged only once held: a task cancelled while waiting must not release.
+                    gate.waiting += 1
+                    try:
+                        await gate.lock.acquire()
+                    finally:
+                        gate.waiting -= 1
+                    locked = True
+                elif step is _Lock.TRY_ACQUIRE:
+                    # No waiter and not held: acquire() returns without suspending.
+                    reply = not gate.lock.locked() and gate.waiting == 0
+                    if reply:
+                        await gate.lock.acquire()
+                        locked = True
+                elif step is _Lock.RELEASE:
+                    gate.lock.release()
+                    locked = False
+                elif gate.slots is not None and not slot:  # _Slot.ACQUIRE
+                    await gate.slots.acquire()
+                    slot = True
         finally:
-            if lock is not None:
-                lock.release()
+            if locked:
+                gate.lock.release()
+            if slot and gate.slots is not None:
+                gate.slots.release()
             flow.close()
 
-    def _async_lock(self) -> asyncio.Lock:
-        # An asyncio.Lock belongs to one event loop; a client per loop gets its own.
+    def _async_gate(self) -> _AsyncGate:
+        # asyncio objects belong to one event loop; a client per loop gets its own.
         loop = asyncio.get_running_loop()
-        with self._async_locks_guard:
-            lock = self._async_locks.get(loop)
-            if lock is None:
-                lock = self._async_locks[loop] = asyncio.Lock()
-            return lock
-
-    def _raise_unreachable(self, step: _Send, cause: BaseException | None) -> None:
-        if step.token_request and isinstance(cause, httpx.TransportError):
-            raise self._unreachable(cause) from cause
+        with self._async_gates_guard:
+            gate = self._async_gates.get(loop)
+            if gate is None:
+                gate = self._async_gates[loop] = _AsyncGate(self._max_in_flight)
+            return gate
 
     def _unreachable(self, cause: httpx.TransportError) -> ServerUnreachableError:
         detail = str(cause) or "no detail"
-        return ServerUnreachableError(
+        error = ServerUnreachableError(
             f"cannot reach the token endpoint {self._source.htu}: {type(cause).__name__} "
             f"({detail}); check the token URL and that the authorization server is up "
             "(timeouts are the httpx client's timeout= setting)"
+        )
+        error.__cause__ = cause
+        return error
+
+    def _token_request_failed(self) -> ServerUnreachableError:
+        return ServerUnreachableError(
+            f"the token request to {self._source.htu} failed or timed out (httpx raised the "
+            "error to the request that sent it); check the token URL and that the "
+            "authorization server is up (timeouts are the httpx client's timeout= setting)"
         )
 
     # -- protocol logic: plain generators, no I/O -------------------------------------------
@@ -424,6 +571,9 @@ class DPoPAuth(httpx.Auth):
     def _request_flow(self, request: httpx.Request) -> _Flow[None]:
         # The token request gets the API request's timeouts (the client's timeout= setting).
         timeout = request.extensions.get("timeout")
+        # Before the token and the nonce are read and the proof is signed: what waits for a
+        # connection then is this step, not a proof going stale (see step 0 above).
+        yield _Slot.ACQUIRE
         token = self._fresh(None)
         if token is None:
             token = yield from self._token(None, timeout)
@@ -486,13 +636,53 @@ class DPoPAuth(httpx.Auth):
         token = self._fresh(rejected)
         if token is not None:
             return token
+        current = self._usable(rejected)
+        if current is not None:
+            token = yield from self._renew(current, rejected, timeout)
+            return token
+        # No token we can send: wait for the fetch in progress, or make one.
+        seen = self._fetches
+        self._raise_while_backing_off()
         yield _Lock.ACQUIRE
         # Whoever held the lock before us may have fetched a token already: single flight.
-        token = self._fresh(rejected)
+        token = self._usable(rejected)
         if token is None:
-            token = yield from self._fetch_token(timeout)
+            failure = self._failure
+            if failure is not None and self._fetches != seen:
+                # The fetch we waited for failed: single flight for failures too, or each
+                # waiter would try in turn, one timeout after another.
+                raise self._shared(failure)
+            self._raise_while_backing_off()
+            token = yield from self._fetch_shared(timeout)
         yield _Lock.RELEASE
         return token
+
+    def _renew(
+        self, current: AccessToken, rejected: AccessToken | None, timeout: object
+    ) -> _Flow[AccessToken]:
+        """Renew a token that is due but still valid; whatever happens, return a valid one."""
+        if self._backing_off():
+            return current
+        # Never wait here: whoever holds the lock is fetching, and ``current`` is still good.
+        if not (yield _Lock.TRY_ACQUIRE):
+            return current
+        token = self._fresh(rejected)
+        if token is None and not self._backing_off():
+            try:
+                token = yield from self._fetch_shared(timeout)
+            except OAuthError as exc:
+                cached = self._cached
+                left = (
+                    "unknown"
+                    if cached is None or cached.expire_at is None
+                    else f"{cached.expire_at - self._clock():.0f} s"
+                )
+                logger.warning(
+                    "renewing the token failed; using the current one (valid for %s more): %s",
+                    left, exc.message,
+                )  # fmt: skip
+        yield _Lock.RELEASE
+        return current if token is None else token
 
     def _authorization(self, token: AccessToken) -> str:
         cached = self._cached
@@ -501,12 +691,89 @@ class DPoPAuth(httpx.Auth):
         return f"{token.scheme} {token.value}"
 
     def _fresh(self, rejected: AccessToken | None) -> AccessToken | None:
+        """The cached token if it is not due for renewal (and not ``rejected``)."""
         cached = self._cached
         if cached is None or cached.token is rejected:
             return None
         if cached.renew_at is not None and self._clock() >= cached.renew_at:
             return None
         return cached.token
+
+    def _usable(self, rejected: AccessToken | None) -> AccessToken | None:
+        """The cached token if it can still be sent, due for renewal or not."""
+        cached = self._cached
+        if cached is None or cached.token is rejected:
+            return None
+        if cached.expire_at is not None and self._clock() >= cached.expire_at:
+            return None
+        return cached.token
+
+    def _backing_off(self) -> bool:
+        failure = self._failure
+        return failure is not None and self._clock() < failure.retry_at
+
+    def _raise_while_backing_off(self) -> None:
+        failure = self._failure
+        if failure is not None and self._clock() < failure.retry_at:
+            raise self._shared(failure)
+
+    def _shared(self, failure: _Failure) -> OAuthError:
+        """A new error like ``failure.error`` for one more caller (one instance per raise)."""
+        wait = max(0.0, failure.retry_at - self._clock())
+        original = failure.error
+        message = (
+            f"{original.message} (the token request this waited for failed)"
+            if wait <= 0
+            else f"{original.message} (the last token request failed; {failure.count} in a "
+            f"row; the next is sent in {wait:.1f} s at the earliest)"
+        )
+        error: OAuthError
+        if isinstance(original, TokenEndpointError):
+            error = TokenEndpointError(
+                message,
+                error=original.error,
+                error_description=original.error_description,
+                status=original.status,
+            )
+        else:
+            error = type(original)(message)
+        error.retry_after = wait if original.retry_after is not None else None
+        error.__cause__ = original
+        return error
+
+    def _fetch_shared(self, timeout: object) -> _Flow[AccessToken]:
+        """`_fetch_token`, its outcome recorded for the callers waiting on the lock."""
+        try:
+            token = yield from self._fetch_token(timeout)
+        except OAuthError as exc:
+            self._failed(exc)
+            raise
+        self._failure = None
+        self._fetches += 1
+        return token
+
+    def _failed(self, error: OAuthError) -> None:
+        previous = self._failure
+        count = 1 if previous is None else previous.count + 1
+        hint = error.retry_after  # the server's Retry-After, set by _fetch_token
+        delay = 0.0
+        if hint is not None or _unavailable(error):
+            # Exponential backoff with "equal jitter": half the ceiling plus up to half at
+            # random, so that clients that failed together do not come back together.
+            ceiling = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2.0 ** min(count - 1, 16))
+            delay = ceiling / 2 + _random.uniform(0.0, ceiling / 2)
+            if hint is not None:
+                delay = max(delay, min(hint, _RETRY_AFTER_CAP))
+            error.retry_after = delay
+        # A refusal (bad credentials, a nonce or clock problem) is shared with the requests
+        # that waited for this fetch but not backed off: the next attempt carries what this
+        # one taught (nonce, clock offset), and asking again is how such errors clear.
+        self._failure = _Failure(error, count, self._clock() + delay)
+        self._fetches += 1
+        logger.warning(
+            "token request to %s failed (%d in a row); the next one in %.1f s at the earliest",
+            self._source.htu, count, delay,
+        )  # fmt: skip
 
     def _fetch_token(self, timeout: object) -> _Flow[AccessToken]:
         where = f"token endpoint {self._source.htu}"
@@ -516,8 +783,11 @@ class DPoPAuth(httpx.Auth):
             return self._accept(response)
         except TokenEndpointError as exc:
             if exc.error != "use_dpop_nonce":
-                raise self._with_skew(exc) from exc
+                raise _with_retry_after(self._with_skew(exc), response) from exc
             nonce = self._demanded_nonce(response, nonce, where)
+        except OAuthError as exc:
+            _with_retry_after(exc, response)
+            raise
         logger.info("%s demanded a DPoP nonce; retrying once", where)
         response = yield from self._token_attempt(nonce, timeout)
         try:
@@ -529,7 +799,10 @@ class DPoPAuth(httpx.Auth):
                     "giving up instead of looping (check the server's nonce handling; "
                     f"{self._skew_note()})"
                 ) from exc
-            raise self._with_skew(exc) from exc
+            raise _with_retry_after(self._with_skew(exc), response) from exc
+        except OAuthError as exc:
+            _with_retry_after(exc, response)
+            raise
 
     def _token_attempt(self, nonce: str | None, timeout: object) -> _Flow[httpx.Response]:
         source = self._source
@@ -558,11 +831,12 @@ class DPoPAuth(httpx.Auth):
     def _accept(self, response: httpx.Response) -> AccessToken:
         now = self._clock()
         token = self._source.parse(response, now=now)
-        renew_at = None
+        renew_at = expire_at = None
         if token.expires_at is not None:
             lifetime = token.expires_at - now
-            renew_at = token.expires_at - min(self._leeway, lifetime / 2)
-        self._cached = _Cached(token, renew_at, f"{token.scheme} {token.value}")
+            expire_at = token.expires_at - min(_EXPIRY_MARGIN, lifetime / 4)
+            renew_at = min(expire_at, token.expires_at - min(self._leeway, lifetime / 2))
+        self._cached = _Cached(token, renew_at, expire_at, f"{token.scheme} {token.value}")
         logger.info(
             "got a %s token (expires in %s, scope %r, jkt=%s)",
             token.token_type,
@@ -644,6 +918,47 @@ class DPoPAuth(httpx.Auth):
                 f"one cause: {self._skew_note()})"
             )
         return nonce
+
+
+def _record(flow: _Flow[Any], error: OAuthError) -> None:
+    """Hand a flow that is being closed the failure of its token request, to be recorded.
+
+    The flow records it (shared with waiters, backoff) and re-raises it, or carries on with a
+    still-valid token; either way the driver ends the flow and raises its own error.
+    """
+    with contextlib.suppress(OAuthError, StopIteration):
+        flow.throw(error)
+
+
+def _unavailable(error: OAuthError) -> bool:
+    """True if ``error`` says the token endpoint is down or overloaded: worth backing off."""
+    if isinstance(error, ServerUnreachableError):  # transport error, timeout, bare 5xx
+        return True
+    return isinstance(error, TokenEndpointError) and (error.status == 429 or error.status >= 500)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _with_retry_after(error: OAuthError, response: httpx.Response) -> OAuthError:
+    """``error`` with the response's ``Retry-After`` (RFC 9110 §10.2.3) in ``retry_after``."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return error
+    value = value.strip()
+    seconds: float | None = None
+    if value.isdigit():  # delay-seconds = 1*DIGIT
+        seconds = float(min(int(value[:9]), 10**8))
+    else:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            seconds = None
+    if seconds is not None:
+        error.retry_after = max(0.0, seconds)
+    return error
 
 
 def _timeout_of(client: httpx.Client | httpx.AsyncClient) -> dict[str, float | None]:

@@ -5,9 +5,11 @@ The CLI is thin on purpose: each command turns its options into `Settings`
 protocol work lives in the library, so what the CLI does, a program can do too.
 
 Errors never end in a traceback: every `DPoPSignerError`, HTTP transport error and usage error
-is caught here, at the edge, and printed as one ``error: ...`` line on stderr. Exit status 2
-means the command line or configuration is wrong, 1 that something failed at run time
-(including an HTTP status of 400 or more from ``dpop request``).
+is caught here, at the edge, and printed as one ``error: ...`` line on stderr, in the words of
+the command line (`dpop_signer.cli_errors.cli_message`). The exit status says what failed and is
+the same for every command (`dpop_signer.cli_errors`): 1 an HTTP error status from the API or a
+failed doctor check, 2 usage or configuration, 3 the key or its token, 4 the authorization
+server refused, 5 network or TLS, 130 interrupted.
 
 Heavy modules (pydantic through `dpop_signer.config`, cryptography, httpx, python-pkcs11,
 starlette) are imported inside the commands that need them, so ``dpop --help`` starts about as
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -27,13 +30,22 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from dpop_signer import __version__
+from dpop_signer.cli_errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_STATUS_HELP,
+    EXIT_USAGE,
+    cli_message,
+    exit_code_for,
+)
 from dpop_signer.cli_options import (
     client_options,
     key_options,
     prompt_for_secrets,
     settings_from_context,
+    warn,
 )
-from dpop_signer.errors import ConfigError, DPoPSignerError
+from dpop_signer.errors import DPoPSignerError
 
 if TYPE_CHECKING:
     import httpx
@@ -45,9 +57,6 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
-
 # Commands that live elsewhere and are imported only when used or listed: the service pulls in
 # starlette and uvicorn, which `dpop thumbprint` should not pay for.
 _LAZY_COMMANDS = {
@@ -56,32 +65,59 @@ _LAZY_COMMANDS = {
 }
 
 
-def _fail(message: str, code: int = EXIT_RUNTIME) -> NoReturn:
-    click.echo(f"error: {' '.join(message.split())}", err=True)
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    from dpop_signer.redaction import scrub
+
+    # Messages are built clean; scrub is the last net (a PIN in a key URI, a JWS, user info).
+    click.echo(f"error: {' '.join(scrub(message).split())}", err=True)
     sys.exit(code)
 
 
-def _httpx_error_message(exc: Exception) -> str | None:
-    """A one-line description of an httpx error, or None when ``exc`` is not one."""
-    httpx = sys.modules.get("httpx")
-    if httpx is None or not isinstance(exc, httpx.HTTPError | httpx.InvalidURL):
-        return None
-    try:
-        request = exc.request if isinstance(exc, httpx.RequestError) else None
-    except RuntimeError:  # httpx raises when the error was created without a request
-        request = None
-    where = f" {request.method} {request.url.copy_with(query=None)}" if request else ""
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timed out on{where}; raise --timeout or check the server"
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect for{where}: {exc}; check the URL and that the server is running"
-    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-        return f"bad URL: {exc}; give an absolute http:// or https:// URL"
-    return f"HTTP error on{where}: {exc or type(exc).__name__}"
+class _LibraryLogLines(logging.Handler):
+    """Library log records as ``warning:`` lines (or ``*`` notes with -v) on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.verbose = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from dpop_signer.cli_errors import cli_words
+        from dpop_signer.redaction import scrub
+
+        # The backoff note is for long-running processes; a one-shot command reports the
+        # failure itself in its error line.
+        if not self.verbose and str(record.msg).startswith("token request to %s failed ("):
+            return
+        text = " ".join(cli_words(scrub(record.getMessage())).split())
+        prefix = "warning: " if record.levelno >= logging.WARNING else "* "
+        click.echo(prefix + text, err=True)
+
+
+_LOG_LINES = _LibraryLogLines()
+
+
+def _verbose_library_log() -> None:
+    """Show the library's INFO records (token fetches, nonce retries) as ``*`` lines."""
+    _LOG_LINES.verbose = True
+    _LOG_LINES.setLevel(logging.INFO)
+    logging.getLogger("dpop_signer").setLevel(logging.INFO)
+
+
+def _command_options(command: click.Command | None) -> frozenset[str]:
+    if command is None:
+        return frozenset()
+    return frozenset(
+        opt
+        for param in command.params
+        for opt in (*param.opts, *param.secondary_opts)
+        if opt.startswith("--")
+    )
 
 
 class DpopGroup(click.Group):
     """The ``dpop`` group: lazily registered service commands and one-line errors."""
+
+    _invoked: click.Command | None = None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """Built-in commands plus the service commands that are installed."""
@@ -92,6 +128,14 @@ class DpopGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         """A built-in command, or a service command imported on first use."""
         return super().get_command(ctx, cmd_name) or self._load_lazy(cmd_name)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """Resolve as click does, remembering the command: its errors name its options."""
+        name, command, rest = super().resolve_command(ctx, args)
+        self._invoked = command
+        return name, command, rest
 
     def _load_lazy(self, name: str) -> click.Command | None:
         target = _LAZY_COMMANDS.get(name)
@@ -114,55 +158,77 @@ class DpopGroup(click.Group):
     ) -> NoReturn:
         """Run the CLI, turning every expected failure into one ``error:`` line."""
         extra.pop("standalone_mode", None)
+        library_log = logging.getLogger("dpop_signer")
+        if _LOG_LINES not in library_log.handlers:
+            library_log.addHandler(_LOG_LINES)
+            library_log.propagate = False  # no second copy through Python's last resort
         try:
             result = super().main(args, prog_name or "dpop", standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            # `dpop` alone: the help as `dpop --help` prints it, but as a usage error.
+            click.echo(exc.format_message(), err=True)
+            sys.exit(EXIT_USAGE)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             _fail(exc.format_message() + hint, EXIT_USAGE)
         except click.Abort:
-            _fail("aborted", 130)
+            _fail("aborted", EXIT_INTERRUPTED)
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
-        except ConfigError as exc:
-            _fail(str(exc), EXIT_USAGE)
-        except DPoPSignerError as exc:
-            _fail(str(exc), EXIT_RUNTIME)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted", EXIT_INTERRUPTED)
         except BrokenPipeError:
             # The reader went away (`dpop request ... | head`): not worth an error line, and
             # Python must not complain again when it flushes stdout at exit.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(EXIT_RUNTIME)
+            sys.exit(EXIT_FAILED)
         except Exception as exc:
-            message = _httpx_error_message(exc)
-            if message is None:
+            if not _is_expected(exc):
                 raise
-            _fail(message, EXIT_RUNTIME)
+            _fail(cli_message(exc, _command_options(self._invoked)), exit_code_for(exc))
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _is_expected(exc: Exception) -> bool:
+    """Errors the CLI reports in one line: ours, and httpx's (network, URLs)."""
+    if isinstance(exc, DPoPSignerError):
+        return True
+    httpx = sys.modules.get("httpx")
+    return httpx is not None and isinstance(exc, httpx.HTTPError | httpx.InvalidURL)
 
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+_MAIN_HELP = f"""Sign OAuth 2.0 DPoP proofs (RFC 9449) with an ES256 key that stays in its token.
 
-@click.group(cls=DpopGroup, context_settings=CONTEXT_SETTINGS)
+The key is a PEM file (development) or a PKCS#11 URI naming a key in an HSM, a YubiHSM 2 or
+SoftHSM2. Settings come from options, then DPOP_* environment variables, then a TOML file
+(--config FILE, DPOP_CONFIG, else $XDG_CONFIG_HOME/dpop/config.toml or /etc/dpop/config.toml),
+then defaults; `dpop config` shows each one and where it came from.
+
+\b
+Examples:
+  dpop demo
+  dpop keygen --key dev-key.pem
+  export DPOP_KEY='pkcs11:token=prod;object=dpop-es256' DPOP_PIN_FILE=/run/secrets/pin
+  dpop request --token-url https://as.example/token --client-id svc \\
+      https://api.example/v1/things
+  dpop doctor --config dpop.toml
+
+{EXIT_STATUS_HELP}
+
+\b
+Shell completion (bash; zsh_source or fish_source for those shells):
+  eval "$(_DPOP_COMPLETE=bash_source dpop)"
+"""
+
+
+@click.group(
+    cls=DpopGroup, context_settings=CONTEXT_SETTINGS, help=_MAIN_HELP, no_args_is_help=True
+)
 @click.version_option(__version__, "-V", "--version", prog_name="dpop")
 def main() -> None:
-    """Sign OAuth 2.0 DPoP proofs (RFC 9449) with an ES256 key that stays in its token.
-
-    The key is a PEM file (development) or a PKCS#11 URI naming a key in an HSM, a YubiHSM 2
-    or SoftHSM2. Settings come from options, then DPOP_* environment variables, then
-    --config FILE (TOML), then defaults.
-
-    \b
-    Examples:
-      dpop demo
-      dpop keygen --key dev-key.pem
-      export DPOP_KEY='pkcs11:token=prod;object=dpop-es256' DPOP_PIN_FILE=/run/secrets/pin
-      dpop request --token-url https://as.example/token --client-id svc \\
-          https://api.example/v1/things
-      dpop doctor --config dpop.toml
-    """  # noqa: D301 - click's \b keeps the examples unwrapped
+    """Sign OAuth 2.0 DPoP proofs (RFC 9449) with an ES256 key that stays in its token."""
 
 
 @contextlib.contextmanager
@@ -198,8 +264,8 @@ def keygen(ctx: click.Context, /, **_: object) -> None:
       DPOP_PIN_FILE=pin.txt dpop keygen --key 'pkcs11:token=dpop-dev;object=dpop-es256'
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     from dpop_signer.config import pin_for
-    from dpop_signer.console import mask_uri
     from dpop_signer.jwk import jwk_thumbprint
+    from dpop_signer.redaction import mask_pin_values
     from dpop_signer.signers import close_signer, generate_key, is_pkcs11_ref
 
     settings = settings_from_context(ctx)
@@ -209,7 +275,7 @@ def keygen(ctx: click.Context, /, **_: object) -> None:
         settings = prompt_for_secrets(settings)
     signer = generate_key(ref, pin=pin_for(settings, ref))
     try:
-        click.echo(f"created a P-256 key at {mask_uri(ref)}", err=True)
+        click.echo(f"created a P-256 key at {mask_pin_values(ref)}", err=True)
         click.echo(jwk_thumbprint(signer.public_jwk))
     finally:
         close_signer(signer)
@@ -306,202 +372,3 @@ def proof(
         click.echo(builder.build(method.upper(), url, access_token=token, nonce=nonce))
 
 
-def _auth_and_log(
-    settings: Settings, signer: Signer, verbose: bool
-) -> tuple[DPoPAuth, SessionLog | None]:
-    from dpop_signer.config import build_auth
-    from dpop_signer.console import SessionLog
-
-    log = SessionLog(sys.stderr, token_url=settings.token_url) if verbose else None
-    return build_auth(settings, signer), log
-
-
-def _client(settings: Settings, auth: Any, log: SessionLog | None) -> httpx.Client:
-    import httpx
-
-    return httpx.Client(
-        auth=auth,
-        timeout=settings.timeout,
-        event_hooks=log.hooks() if log is not None else None,
-        follow_redirects=False,
-    )
-
-
-@main.command()
-@key_options
-@client_options
-@click.option("-v", "--verbose", is_flag=True, help="Log the exchange (masked) on stderr.")
-@click.pass_context
-def token(ctx: click.Context, /, verbose: bool, **_: object) -> None:
-    """Fetch a DPoP-bound client_credentials token and print the token response as JSON.
-
-    The response is printed whole (it is what you asked for); -v logs the exchange on stderr
-    with the token, proof and secrets masked.
-
-    \b
-    Example:
-      dpop token --key dev-key.pem --token-url https://as.example/token \\
-          --client-id svc --client-secret-file secret.txt --scope read
-    """  # noqa: D301 - click's \b keeps the examples unwrapped
-    with _open_signer(ctx, require=("token_url", "client_id"), client=True) as (settings, signer):
-        auth, log = _auth_and_log(settings, signer, verbose)
-        with _client(settings, auth, log) as client:
-            access_token = auth.get_token(client)
-        click.echo(json.dumps(access_token.raw, indent=2))
-
-
-def _parse_headers(values: Sequence[str]) -> list[tuple[str, str]]:
-    headers = []
-    for value in values:
-        name, sep, content = value.partition(":")
-        name = name.strip()
-        if not sep or not name or any(c in name for c in " \t\r\n"):
-            raise click.BadParameter(f"{value!r} is not 'Name: value'", param_hint="-H")
-        if name.lower() in ("authorization", "dpop"):
-            raise click.BadParameter(
-                f"{name} is set by dpop from the token and a fresh proof; drop this header",
-                param_hint="-H",
-            )
-        headers.append((name, content.strip()))
-    return headers
-
-
-@main.command()
-@click.option("-X", "--request", "method", metavar="METHOD", help="HTTP method (default GET).")
-@click.option(
-    "-H", "--header", "headers", metavar="'NAME: VALUE'", multiple=True, help="Extra header."
-)
-@click.option(
-    "-d",
-    "--data",
-    metavar="DATA|@FILE",
-    help="Request body; @FILE reads a file, @- stdin. Implies POST.",
-)
-@click.option("-i", "--include", is_flag=True, help="Print the status line and headers.")
-@click.option("-v", "--verbose", is_flag=True, help="Log the exchanges (masked) on stderr.")
-@key_options
-@client_options
-@click.argument("url")
-@click.pass_context
-def request(
-    ctx: click.Context,
-    /,
-    url: str,
-    method: str | None,
-    headers: tuple[str, ...],
-    data: str | None,
-    include: bool,
-    verbose: bool,
-    **_: object,
-) -> None:
-    """Call a DPoP-protected API, like curl: fetch a token, sign, print the response body.
-
-    The token is fetched with client_credentials and reused; every request gets a fresh
-    proof; nonce demands (RFC 9449 §8, §9) are answered once. -v logs both exchanges on stderr
-    with every token, proof, secret, PIN and nonce masked. The exit status is 1 when the API
-    answers with 400 or more.
-
-    \b
-    Examples:
-      dpop request https://api.example/v1/things
-      dpop request -X POST -H 'Content-Type: application/json' -d @body.json -i \\
-          https://api.example/v1/things
-    """  # noqa: D301 - click's \b keeps the examples unwrapped
-    import httpx
-
-    extra_headers = _parse_headers(headers)
-    try:
-        target = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise click.BadParameter(f"{url!r}: {exc}", param_hint="URL") from None
-    if target.scheme not in ("http", "https") or not target.host:
-        raise click.BadParameter(
-            f"{url!r} is not an absolute http:// or https:// URL", param_hint="URL"
-        )
-    body = _read_data(data, "-d") if data is not None else None
-    verb = (method or ("POST" if body is not None else "GET")).upper()
-    if body is not None and not any(k.lower() == "content-type" for k, _ in extra_headers):
-        # curl's default for -d, so that scripts written for curl behave the same.
-        extra_headers.append(("Content-Type", "application/x-www-form-urlencoded"))
-
-    with _open_signer(ctx, require=("token_url", "client_id"), client=True) as (settings, signer):
-        auth, log = _auth_and_log(settings, signer, verbose)
-        with _client(settings, auth, log) as client:
-            response = client.request(verb, target, headers=extra_headers, content=body)
-            _print_response(response, include=include)
-    if response.status_code >= 400:
-        _fail(
-            f"{verb} {target.copy_with(query=None)} answered {response.status_code} "
-            f"{response.reason_phrase}"
-        )
-
-
-def _print_response(response: httpx.Response, *, include: bool) -> None:
-    from dpop_signer.console import mask
-
-    out = sys.stdout
-    if include:
-        out.write(f"{response.http_version} {response.status_code} {response.reason_phrase}\n")
-        for name, value in response.headers.multi_items():
-            shown = mask(value) if name.lower() in ("dpop-nonce", "set-cookie") else value
-            out.write(f"{name}: {shown}\n")
-        out.write("\n")
-    out.flush()
-    content = response.read()
-    sys.stdout.buffer.write(content)
-    if content and not content.endswith(b"\n") and sys.stdout.isatty():
-        sys.stdout.buffer.write(b"\n")
-    sys.stdout.buffer.flush()
-
-
-@main.command()
-@key_options
-@client_options
-@click.pass_context
-def doctor(ctx: click.Context, /, **_: object) -> None:
-    """Check the key, the token and the authorization server, one step at a time.
-
-    Prints a ✓ or ✗ line per step (module loads, token present, login, key found, EC P-256,
-    CKM_ECDSA offered, sign and verify, token endpoint reachable, discovery advertises ES256,
-    a DPoP token bound to this key comes back) with the fix for each failure. A wrong PIN is
-    never retried. The exit status is 1 when any step fails.
-
-    \b
-    Example:
-      dpop doctor --config dpop.toml
-    """  # noqa: D301 - click's \b keeps the examples unwrapped
-    from dpop_signer.doctor import run_doctor
-
-    settings = prompt_for_secrets(settings_from_context(ctx), need_client_secret=True)
-    ok = run_doctor(settings, out=sys.stdout)
-    if not ok:
-        sys.exit(EXIT_RUNTIME)
-
-
-@main.command()
-@click.option(
-    "--key",
-    metavar="REF",
-    help="Key to use (default: DPOP_KEY, else a temporary PEM key). [env: DPOP_KEY]",
-)
-@click.option("--nonce/--no-nonce", default=True, help="Servers demand DPoP nonces (default on).")
-@click.pass_context
-def demo(ctx: click.Context, key: str | None, nonce: bool) -> None:
-    """Run the whole DPoP flow against local servers and show every exchange (masked).
-
-    Starts an authorization server and a resource server on free 127.0.0.1 ports, fetches a
-    DPoP-bound token with the development SoftHSM2 key (DPOP_KEY, as `make demo` sets it) or a
-    temporary PEM key, calls the API and prints the session log and the API's response.
-
-    \b
-    Examples:
-      make demo
-      dpop demo --key dev-key.pem
-    """  # noqa: D301 - click's \b keeps the examples unwrapped
-    from dpop_signer.demo import run_demo
-
-    run_demo(key=key, require_nonce=nonce, out=sys.stdout)
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m dpop_signer.cli`
-    main()

@@ -88,8 +88,16 @@ key_options = _compose(
         type=click.Path(dir_okay=False),
         help="Read the PIN from FILE.",
     ),
+    _option(
+        "--sign-timeout",
+        field="sign_timeout",
+        metavar="SECONDS",
+        type=float,
+        help="Give up on a PKCS#11 module that has not answered within SECONDS (default 5).",
+    ),
 )
-"""``--config``, ``--key``, ``--pin``, ``--pin-file``: what every command that signs needs."""
+"""``--config``, ``--key``, ``--pin``, ``--pin-file``, ``--sign-timeout``: what every command
+that signs needs."""
 
 client_options = _compose(
     _option("--token-url", field="token_url", metavar="URL", help="Token endpoint URL."),
@@ -170,6 +178,15 @@ def settings_from_context(ctx: click.Context) -> Settings:
             warn(
                 f"{option_name(name)} on the command line can be read by other local users; "
                 f"use {env_name(name)}, {option_name(name)}-file or the prompt instead"
+            )
+    for name in ("key", "assertion_key"):
+        value = options.get(name)
+        if isinstance(value, str) and "pin-value=" in value.lower():
+            # The PIN inside the URI (RFC 7512 §2.4) is as visible in `ps` as --pin is.
+            warn(
+                f"{option_name(name)} with pin-value= on the command line can be read by other "
+                f"local users; drop pin-value= and use {env_name('pin')}, "
+                f"{option_name('pin')}-file or the prompt instead"
             )
     return load_settings(options, config_file=params.get("config"))
 

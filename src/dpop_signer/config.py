@@ -7,7 +7,10 @@ layers, highest first::
 
     option (--token-url)  >  environment (DPOP_TOKEN_URL)  >  --config FILE (token_url)  >  default
 
-and validates the result with pydantic. Every value remembers where it came from, so an error
+and validates the result with pydantic. The config file is ``--config FILE``, else ``DPOP_CONFIG``;
+with ``default_config=True`` (what the CLI passes) and neither given, the first that exists of
+``$XDG_CONFIG_HOME/dpop/config.toml`` (``~/.config/dpop/config.toml``) and
+``/etc/dpop/config.toml`` (`default_config_file`). Every value remembers where it came from, so an error
 says ``token_url from DPOP_TOKEN_URL: ...`` instead of leaving the user to guess which layer
 holds the bad value.
 
@@ -24,7 +27,9 @@ Secrets (``pin``, ``client_secret``) have a second, file form (``pin_file``,
 ``client_secret_file``, or ``DPOP_PIN_FILE``/``DPOP_CLIENT_SECRET_FILE``) so that they need
 never appear in a process list or a shell history. Within one layer the value and its file form
 are mutually exclusive. `Settings` holds them as `pydantic.SecretStr`, so a repr or a log line of
-the settings never shows them.
+the settings never shows them; a key reference is shown with its ``pin-value=`` masked (in
+``repr``, `Settings.model_dump` and `Settings.model_dump_json`), and URLs in error messages
+without user info or query (`dpop_signer.redaction`).
 
 `build_signer` and `build_auth` turn settings into the library's objects; the CLI and the
 service call them rather than wiring `load_signer` and `DPoPAuth` by hand.
@@ -39,7 +44,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -48,9 +53,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FieldSerializationInfo,
     PrivateAttr,
     SecretStr,
     ValidationError,
+    field_serializer,
     field_validator,
 )
 
@@ -60,8 +67,10 @@ from dpop_signer.config_names import (
     SECRET_FIELDS,
     env_name,
     option_name,
+    ways_to_set,
 )
 from dpop_signer.errors import ConfigError
+from dpop_signer.redaction import mask_pin_values, redact_url
 
 if TYPE_CHECKING:
     from dpop_signer.auth import DPoPAuth
@@ -74,6 +83,7 @@ __all__ = [
     "Settings",
     "build_auth",
     "build_signer",
+    "default_config_file",
     "env_name",
     "load_settings",
     "option_name",
@@ -84,6 +94,18 @@ __all__ = [
 ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
 # Fields whose values are lists; in the environment they are separated by white space.
 _LIST_FIELDS = frozenset({"resource", "allow_origin"})
+# Key references: a pkcs11: URI may carry the PIN (RFC 7512 §2.4 pin-value=).
+_KEY_FIELDS = frozenset({"key", "assertion_key"})
+_URL_FIELDS = frozenset({"token_url", "upstream"})
+
+
+def _show(name: str, value: str) -> str:
+    """Field ``name``'s ``value`` as it may be shown (repr, model_dump)."""
+    if name in _KEY_FIELDS:
+        return mask_pin_values(value)
+    if name in _URL_FIELDS:
+        return redact_url(value)
+    return value
 
 
 class Settings(BaseModel):
@@ -102,6 +124,11 @@ class Settings(BaseModel):
     )
     pin: SecretStr | None = Field(
         default=None, description="token PIN (PKCS#11) or passphrase (encrypted PEM)"
+    )
+    sign_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds a caller waits for a PKCS#11 module before giving up",
     )
     assertion_key: str | None = Field(
         default=None,
@@ -131,6 +158,10 @@ class Settings(BaseModel):
         default=30.0, ge=0, description="renew tokens this many seconds before expiry"
     )
     timeout: float = Field(default=10.0, gt=0, description="HTTP timeout in seconds")
+    ca_bundle: Path | None = Field(
+        default=None,
+        description="PEM file of CA certificates to trust instead of the system's store",
+    )
 
     # The local service (dpop serve / dpop proxy).
     listen: str | None = Field(
@@ -144,6 +175,7 @@ class Settings(BaseModel):
     upstream: str | None = Field(default=None, description="URL the proxy forwards to")
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    _config_file: tuple[str, str] | None = PrivateAttr(default=None)
 
     @field_validator("token_url", "upstream")
     @classmethod
@@ -151,11 +183,25 @@ class Settings(BaseModel):
         if value is None:
             return None
         parts = urlsplit(value)
+        # The URL is shown redacted: its user info and query may hold credentials.
+        shown = repr(redact_url(value))
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} is not an absolute http:// or https:// URL")
+            raise ValueError(f"{shown} is not an absolute http:// or https:// URL")
         if parts.fragment:
-            raise ValueError(f"{value!r} has a fragment; remove the '#...' part")
+            raise ValueError(f"{shown} has a fragment; remove the '#...' part")
         return value
+
+    @field_serializer("key", "assertion_key", "token_url", "upstream")
+    def _shown(self, value: str | None, info: FieldSerializationInfo) -> str | None:
+        # model_dump and model_dump_json are for showing settings (with_values reads the
+        # fields); a PIN in a key URI, and user info or a query in a URL, stay out of them.
+        return None if value is None else _show(info.field_name, value)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            if name is not None and isinstance(value, str):
+                value = _show(name, value)
+            yield name, value
 
     @field_validator("key", "client_id", "scope", "audience", "assertion_key")
     @classmethod
@@ -184,11 +230,13 @@ class Settings(BaseModel):
         missing = [name for name in names if getattr(self, name) in (None, [])]
         if not missing:
             return
-        hints = "; ".join(
-            f"{name}: give {option_name(name)}, set {env_name(name)} or put {name} in --config"
-            for name in missing
-        )
+        hints = "; ".join(f"{name}: {ways_to_set(name)}" for name in missing)
         raise ConfigError(f"missing setting{'s' if len(missing) > 1 else ''}: {hints}")
+
+    @property
+    def config_file(self) -> tuple[str, str] | None:
+        """The config file read and what named it (``--config``, ``DPOP_CONFIG``, ``default``)."""
+        return self._config_file
 
     def secret(self, name: str) -> str | None:
         """The plain value of secret field ``name`` (``pin`` or ``client_secret``)."""
@@ -207,11 +255,14 @@ class Settings(BaseModel):
 
         Used for values that arrive late, such as a PIN typed at a prompt.
         """
-        data = self.model_dump()
+        # The fields themselves, not model_dump(): that masks a pin-value= in the key.
+        data: dict[str, object] = {name: getattr(self, name) for name in type(self).model_fields}
         data.update(values)
         sources = dict(self._sources)
         sources.update(dict.fromkeys(values, source))
-        return _validate(data, sources)
+        settings = _validate(data, sources)
+        settings._config_file = self._config_file
+        return settings
 
 
 def _field_names() -> tuple[str, ...]:
@@ -228,6 +279,7 @@ def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     option_label: Callable[[str], str] = option_name,
+    default_config: bool = False,
 ) -> Settings:
     """Merge options, environment, a TOML file and defaults into validated `Settings`.
 
@@ -235,6 +287,7 @@ def load_settings(
         options: values given on the command line, by field name; ``None`` values are
             "not given". Secret file forms are accepted as ``pin_file`` / ``client_secret_file``.
         config_file: a TOML file; when ``None``, ``DPOP_CONFIG`` in ``env`` names one.
+        default_config: with neither, read `default_config_file` if there is one.
         env: the environment to read (default `os.environ`).
         option_label: how an option is named in error messages (``--token-url``).
 
@@ -245,8 +298,11 @@ def load_settings(
     environ = os.environ if env is None else env
     # Lowest layer first; each later layer overrides the earlier ones per field.
     layers: list[tuple[dict[str, object], dict[str, str]]] = []
+    named_by = "--config"
     if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
-        config_file = environ[ENV_PREFIX + "CONFIG"]
+        config_file, named_by = environ[ENV_PREFIX + "CONFIG"], ENV_PREFIX + "CONFIG"
+    if config_file is None and default_config:
+        config_file, named_by = default_config_file(environ), "default location"
     if config_file is not None:
         layers.append(_file_layer(Path(config_file)))
     layers.append(_env_layer(environ))
@@ -258,7 +314,27 @@ def load_settings(
         for name, value in values.items():
             merged[name] = value
             sources[name] = where[name]
-    return _validate(merged, sources)
+    settings = _validate(merged, sources)
+    if config_file is not None:
+        settings._config_file = (os.fspath(config_file), named_by)
+    return settings
+
+
+def default_config_file(env: Mapping[str, str] | None = None) -> Path | None:
+    """The config file read when none is named: the first of these that exists, or None.
+
+    ``$XDG_CONFIG_HOME/dpop/config.toml`` (``~/.config/dpop/config.toml`` when the variable
+    is unset, as the XDG Base Directory specification says), then ``/etc/dpop/config.toml``.
+    """
+    environ = os.environ if env is None else env
+    xdg = environ.get("XDG_CONFIG_HOME") or ""
+    if not os.path.isabs(xdg):  # the specification says to ignore a relative value
+        home = environ.get("HOME") or os.path.expanduser("~")
+        xdg = os.path.join(home, ".config")
+    for candidate in (Path(xdg, "dpop", "config.toml"), Path("/etc/dpop/config.toml")):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _validate(data: dict[str, object], sources: dict[str, str]) -> Settings:
@@ -345,7 +421,7 @@ def _file_layer(path: Path) -> tuple[dict[str, object], dict[str, str]]:
             f"{', '.join(sorted(known))}"
         )
     # A relative secret file in a config file is relative to that file, not to the cwd.
-    for file_field in _file_fields():
+    for file_field in (*_file_fields(), "ca_bundle"):
         if isinstance(values.get(file_field), str):
             target = Path(str(values[file_field])).expanduser()
             values[file_field] = str(target if target.is_absolute() else path.parent / target)
@@ -406,7 +482,9 @@ def build_signer(settings: Settings) -> Signer:
 
     settings.require("key")
     assert settings.key is not None  # for mypy: require() checked it
-    return load_signer(settings.key, pin=pin_for(settings, settings.key))
+    return load_signer(
+        settings.key, pin=pin_for(settings, settings.key), sign_timeout=settings.sign_timeout
+    )
 
 
 def pin_for(settings: Settings, ref: str) -> str | None:
@@ -445,8 +523,7 @@ def build_auth(settings: Settings, signer: Signer, **overrides: Any) -> DPoPAuth
     if method in ("client_secret_basic", "client_secret_post") and settings.client_secret is None:
         raise ConfigError(
             f"client_auth {method} (from {settings.source_of('client_auth')}) needs a client "
-            "secret: set DPOP_CLIENT_SECRET or DPOP_CLIENT_SECRET_FILE, or give "
-            "--client-secret-file"
+            f"secret and none is configured: {ways_to_set('client_secret')}"
         )
     assertion_signer: Signer | None = None
     if method == "private_key_jwt":
@@ -454,7 +531,9 @@ def build_auth(settings: Settings, signer: Signer, **overrides: Any) -> DPoPAuth
             from dpop_signer.signers import load_signer
 
             assertion_signer = load_signer(
-                settings.assertion_key, pin=pin_for(settings, settings.assertion_key)
+                settings.assertion_key,
+                pin=pin_for(settings, settings.assertion_key),
+                sign_timeout=settings.sign_timeout,
             )
         else:
             assertion_signer = signer

@@ -7,7 +7,14 @@ rest of ``dpop --help`` together; the CLI builds its options from these names al
 
 from __future__ import annotations
 
-__all__ = ["CLIENT_AUTH_METHODS", "ENV_PREFIX", "SECRET_FIELDS", "env_name", "option_name"]
+__all__ = [
+    "CLIENT_AUTH_METHODS",
+    "ENV_PREFIX",
+    "SECRET_FIELDS",
+    "ways_to_set",
+    "env_name",
+    "option_name",
+]
 
 ENV_PREFIX = "DPOP_"
 """Environment variables are ``DPOP_`` + the field name in upper case (``DPOP_TOKEN_URL``)."""
@@ -24,11 +31,41 @@ SECRET_FIELDS: tuple[str, ...] = ("pin", "client_secret")
 """Fields that are secrets: each also has a ``<name>_file`` form and is never echoed."""
 
 
+# Options named as curl names them, where the field name would read differently.
+_OPTION_ALIASES = {"ca_bundle": "--cacert"}
+
+
 def option_name(field: str) -> str:
-    """The long option for ``field``: ``token_url`` -> ``--token-url``."""
-    return "--" + field.replace("_", "-")
+    """The long option for ``field``: ``token_url`` -> ``--token-url``; ``ca_bundle`` -> ``--cacert``."""
+    return _OPTION_ALIASES.get(field, "--" + field.replace("_", "-"))
 
 
 def env_name(field: str) -> str:
     """The environment variable for ``field``: ``token_url`` -> ``DPOP_TOKEN_URL``."""
     return ENV_PREFIX + field.upper()
+
+
+def ways_to_set(field: str, options: frozenset[str] | set[str] | None = None) -> str:
+    """How a user gives ``field``, in the words of a command that has ``options``.
+
+    ``options`` are the long options the command accepts (``None``: all of them). A secret is
+    offered in its file forms first, because a value on the command line is visible in ``ps``::
+
+        give --pin-file FILE or --pin, set DPOP_PIN_FILE or DPOP_PIN, or put pin_file in --config
+    """
+    names = [f"{field}_file", field] if field in SECRET_FIELDS else [field]
+
+    def has(option: str) -> bool:
+        return options is None or option in options
+
+    given = [option_name(n) + (" FILE" if n.endswith("_file") else "") for n in names]
+    given = [g for g, n in zip(given, names, strict=True) if has(option_name(n))]
+    parts = []
+    if given:
+        parts.append("give " + " or ".join(given))
+    parts.append("set " + " or ".join(env_name(n) for n in names))
+    if has("--config"):
+        parts.append(f"put {names[0]} in --config")
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + (", or " if len(parts) > 2 else " or ") + parts[-1]

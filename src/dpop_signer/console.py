@@ -1,57 +1,46 @@
-"""Masking and the session log that ``dpop request -v``, ``dpop token -v`` and ``dpop demo`` print.
+"""The session log that ``dpop request -v``, ``dpop token -v`` and ``dpop demo`` print.
 
 The log reads like ``curl -v``: ``>`` lines are what we sent, ``<`` lines what came back, ``*``
 lines are commentary. It is fed by httpx event hooks, so it shows every request the client
 really sends, including the token request that `DPoPAuth` makes inside its auth flow and any
 nonce retry.
 
-Nothing secret is ever printed whole (RFC 9449 §11 and the project's logging rule): access and
-refresh tokens, proofs, client secrets, assertions, PINs and nonces go through `mask`, which
-keeps at most a short prefix of long values and the length. A proof is summarised by its
-non-secret claims (``jti``, ``htm``, ``htu``, ``iat``), which is what one needs to debug it.
-Basic credentials are decoded and shown as ``client_id:…(N chars)``: a prefix of the base64
-form would reveal the first characters of the secret when the client id is short.
+Nothing secret is ever printed (RFC 9449 §11 and the project's logging rule); the rules are in
+`dpop_signer.redaction`. Access and refresh tokens, proofs, client secrets, assertions, PINs
+and nonces are shown by length only (`mask`). A proof is summarised by its non-secret claims
+(``jti``, ``htm``, ``htu``, ``iat``), which is what one needs to debug it. Basic credentials are
+shown as ``client_id:…(N chars)``. What the servers send back (header values, JSON bodies) goes
+through the log's `Redactor`, because a server may echo the credentials it received.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from dpop_signer.jwk import b64url_decode
+from dpop_signer.redaction import Redactor, mask, mask_basic, mask_pin_values, redact_url
 
 if TYPE_CHECKING:
     import httpx
 
 __all__ = ["SessionLog", "mask", "mask_json", "mask_uri", "summarize_proof"]
 
-_PREFIX = 6
-# A prefix is shown only when it is a small part of the value: for a 4-digit PIN or a short
-# nonce any prefix would give most of it away.
-_MIN_LEN_FOR_PREFIX = 4 * _PREFIX
-
 _SECRET_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "dpop", "dpop-nonce", "cookie", "set-cookie"}
 )
 _SECRET_KEY = re.compile(r"token|secret|password|passphrase|assertion|nonce|pin", re.I)
 _PUBLIC_KEYS = frozenset({"token_type", "expires_in", "issued_token_type", "token_url"})
-_PIN_IN_URI = re.compile(r"(pin-value=)[^&;]*", re.I)
-
-
-def mask(value: str) -> str:
-    """Show a secret as ``eyJhbG…(812 chars)``: a short prefix only when the value is long."""
-    if len(value) >= _MIN_LEN_FOR_PREFIX:
-        return f"{value[:_PREFIX]}…({len(value)} chars)"
-    return f"…({len(value)} chars)"
+# Header values and body strings from servers are cut longer than in one-line messages: the
+# log is for debugging, and every value stays on its own line.
+_LOG_LIMIT = 2000
 
 
 def mask_uri(ref: str) -> str:
     """A key reference fit to print: a ``pin-value=`` in a PKCS#11 URI is masked."""
-    return _PIN_IN_URI.sub(lambda m: m.group(1) + "…", ref)
+    return mask_pin_values(ref)
 
 
 def _is_secret_key(key: str) -> bool:
@@ -94,21 +83,9 @@ def _mask_header(name: str, value: str) -> str:
     scheme, _, credentials = value.partition(" ")
     if lname in ("authorization", "proxy-authorization") and credentials:
         if scheme.lower() == "basic":
-            return f"Basic {_mask_basic(credentials)}"
+            return f"Basic {mask_basic(credentials)}"
         return f"{scheme} {mask(credentials)}"
     return mask(value)
-
-
-def _mask_basic(credentials: str) -> str:
-    try:
-        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return mask(credentials)
-    client_id, sep, secret = decoded.partition(":")
-    if not sep:
-        return mask(credentials)
-    # RFC 6749 §2.3.1 form-encodes the id; decoding it back is for display only.
-    return f"{client_id}:{mask(secret)}"
 
 
 def _mask_form(body: bytes) -> str:
@@ -124,12 +101,16 @@ class SessionLog:
 
     Install it with ``httpx.Client(event_hooks=log.hooks())``. ``token_url`` lets the log
     label the token request and show its (masked) form body and JSON response; API bodies are
-    left to the caller, which prints them itself.
+    left to the caller, which prints them itself. ``redactor`` cleans what the servers send
+    back; build it with the client secret so that an echo of it is removed in every encoding.
     """
 
-    def __init__(self, out: IO[str], *, token_url: str | None = None) -> None:
+    def __init__(
+        self, out: IO[str], *, token_url: str | None = None, redactor: Redactor | None = None
+    ) -> None:
         self._out = out
         self._token_url = token_url
+        self._redact = redactor if redactor is not None else Redactor()
         self._exchanges = 0
 
     def hooks(self) -> dict[str, list[Any]]:
@@ -164,7 +145,7 @@ class SessionLog:
         what = "token request (client_credentials)" if token else "API request"
         if self._exchanges > 1:
             self._write("")
-        self._write(f"* {what}: {request.method} {request.url.copy_with(query=None)}")
+        self._write(f"* {what}: {request.method} {redact_url(request.url.copy_with(query=None))}")
         target = request.url.raw_path.decode("ascii", "replace")
         # The query may carry anything; show its length, not its content.
         path, _, query = target.partition("?")
@@ -191,16 +172,31 @@ class SessionLog:
         for raw_name, raw_value in response.headers.raw:
             name = raw_name.decode("latin-1")
             value = raw_value.decode("latin-1")
-            self._write(f"< {name}: {_mask_header(name, value)}")
+            if name.lower() in _SECRET_HEADERS:
+                shown = _mask_header(name, value)
+            else:  # server text (WWW-Authenticate, Location, ...): it may echo what it got
+                shown = self._redact(value, limit=_LOG_LIMIT)
+            self._write(f"< {name}: {shown}")
         if self._is_token_request(response.request) or response.status_code >= 400:
             body = response.read()
             if body:
                 self._write("<")
-                self._write(f"< {_describe_body(body, response.headers.get('content-type'))}")
+                content_type = response.headers.get("content-type")
+                self._write(f"< {self._describe_body(body, content_type)}")
             if self._is_token_request(response.request) and response.status_code == 200:
                 self._note_binding(body)
         if response.status_code in (400, 401) and "dpop-nonce" in response.headers:
             self.note("the server sent a DPoP nonce; a demand for it is answered once")
+
+    def _describe_body(self, body: bytes, content_type: str | None) -> str:
+        if content_type and "json" in content_type.lower():
+            try:
+                value = self._redact.clean_json(mask_json(json.loads(body)), limit=_LOG_LIMIT)
+            except ValueError:
+                pass
+            else:
+                return json.dumps(value, ensure_ascii=False)
+        return f"({len(body)} bytes of {self._redact(content_type or 'unknown type')})"
 
     def _note_binding(self, body: bytes) -> None:
         # The token's own claims are not secret to its holder; cnf.jkt shows the binding
@@ -219,12 +215,3 @@ def _request_body(request: httpx.Request) -> bytes:
         return request.content
     except Exception:  # httpx.RequestNotRead: a streamed upload; its length is unknown
         return b""
-
-
-def _describe_body(body: bytes, content_type: str | None) -> str:
-    if content_type and "json" in content_type.lower():
-        try:
-            return json.dumps(mask_json(json.loads(body)), ensure_ascii=False)
-        except ValueError:
-            pass
-    return f"({len(body)} bytes of {content_type or 'unknown type'})"

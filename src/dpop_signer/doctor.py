@@ -8,11 +8,23 @@ exactly once: real tokens lock after a few wrong PINs.
 The key itself is opened by the normal backend (`dpop_signer.signers.load_signer`), so doctor
 checks what ``dpop request`` will really do; only the steps before login (module, token,
 mechanisms) look at the PKCS#11 module directly, because the backend does them all at once.
+
+URLs are printed without user info or query, and every line goes through
+`dpop_signer.redaction.scrub`, so that a PIN in a key URI or a token never reaches the output.
+
+``dpop doctor --json`` prints the same steps as one JSON document (`Doctor.report`) instead:
+``{"ok": false, "steps": [{"step": "login", "status": "fail", "detail": "..."}, ...]}`` with
+``status`` one of ``ok``, ``fail``, ``skip``.
+
+`softhsm2_problem` names what is wrong with SoftHSM2's own configuration (``SOFTHSM2_CONF``
+unset, pointing at a missing file, or at a token directory that is gone), which is the real
+cause of most "no token" and "module failed to initialize" errors with SoftHSM2.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -26,6 +38,7 @@ from dpop_signer.errors import (
     SignerUnavailableError,
     UnsupportedKeyError,
 )
+from dpop_signer.redaction import redact_url, sanitize_server_text, scrub
 from dpop_signer.signers.base import close_signer
 
 if TYPE_CHECKING:
@@ -34,7 +47,7 @@ if TYPE_CHECKING:
     from dpop_signer.config import Settings
     from dpop_signer.signers.base import Signer
 
-__all__ = ["Doctor", "run_doctor"]
+__all__ = ["Doctor", "run_doctor", "softhsm2_problem"]
 
 OK = "✓"
 FAIL = "✗"
@@ -45,7 +58,7 @@ SKIP = "-"
 class Doctor:
     """Collects step results and prints them as they come."""
 
-    out: IO[str]
+    out: IO[str] | None
     failures: int = 0
     results: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -63,20 +76,81 @@ class Doctor:
         self._emit(SKIP, step, f"skipped ({why})")
 
     def _emit(self, mark: str, step: str, detail: str) -> None:
-        self.results.append((mark, step, detail))
-        print(f"{mark} {step}: {' '.join(detail.split())}", file=self.out, flush=True)
+        shown = " ".join(scrub(detail).split())
+        self.results.append((mark, step, shown))
+        if self.out is not None:
+            print(f"{mark} {step}: {shown}", file=self.out, flush=True)
+
+    def report(self) -> dict[str, Any]:
+        """The steps as a JSON-ready document (``dpop doctor --json``)."""
+        status = {OK: "ok", FAIL: "fail", SKIP: "skip"}
+        return {
+            "ok": self.failures == 0,
+            "steps": [
+                {"step": step, "status": status[mark], "detail": detail}
+                for mark, step, detail in self.results
+            ],
+        }
 
 
-def run_doctor(settings: Settings, *, out: IO[str]) -> bool:
-    """Run every step for ``settings``, print one line each, return True when all passed."""
-    doc = Doctor(out)
+def run_doctor(settings: Settings, *, out: IO[str], as_json: bool = False) -> bool:
+    """Run every step for ``settings`` and return True when all passed.
+
+    Prints one line per step to ``out`` as it runs, or with ``as_json`` one JSON document
+    (`Doctor.report`) at the end.
+    """
+    doc = Doctor(None if as_json else out)
     signer = _key_steps(doc, settings)
     try:
         _server_steps(doc, settings, signer)
     finally:
         if signer is not None:
             close_signer(signer)
+    if as_json:
+        print(json.dumps(doc.report(), indent=2, ensure_ascii=False), file=out, flush=True)
     return doc.failures == 0
+
+
+def softhsm2_problem(environ: dict[str, str] | None = None) -> str | None:
+    """What is wrong with SoftHSM2's configuration, with the fix; None when nothing is seen.
+
+    SoftHSM2 reads ``SOFTHSM2_CONF`` (default ``/etc/softhsm/softhsm2.conf``) and keeps its
+    tokens in the ``directories.tokendir`` it names.
+    """
+    env = os.environ if environ is None else environ
+    conf = env.get("SOFTHSM2_CONF", "")
+    setup = "make softhsm writes .softhsm/softhsm2.conf and .softhsm/dev.env to load"
+    if not conf:
+        return (
+            "SOFTHSM2_CONF is not set, so SoftHSM2 reads /etc/softhsm/softhsm2.conf and the "
+            "tokens it names; set SOFTHSM2_CONF to the softhsm2.conf of your tokens "
+            f"({setup})"
+        )
+    if not os.path.isfile(conf):
+        return (
+            f"SOFTHSM2_CONF={conf} does not exist, so SoftHSM2 cannot start; point "
+            f"SOFTHSM2_CONF at an existing softhsm2.conf ({setup})"
+        )
+    tokendir = _softhsm2_tokendir(conf)
+    if tokendir is not None and not os.path.isdir(tokendir):
+        return (
+            f"the token directory {tokendir} named in SOFTHSM2_CONF={conf} does not exist; "
+            "create the tokens again (make softhsm) or point SOFTHSM2_CONF at the right file"
+        )
+    return None
+
+
+def _softhsm2_tokendir(conf: str) -> str | None:
+    try:
+        with open(conf, encoding="utf-8", errors="replace") as f:
+            lines = f.read(65536).splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == "directories.tokendir":
+            return value.strip() or None
+    return None
 
 
 # --- the key -------------------------------------------------------------------------------
@@ -165,9 +239,9 @@ def _pkcs11_steps(doc: Doctor, settings: Settings) -> Signer | None:
         # (DESIGN.md), and a second C_Initialize would fail.
         token = module.call(module.find_token, uri)
     except DPoPSignerError as exc:
-        return _fail_chain(
-            doc, steps, 1, f"{exc}; fix: correct token= / serial= or initialise the token"
-        )
+        problem = softhsm2_problem() if "softhsm" in module_path.lower() else None
+        fix = problem or "correct token= / serial= or initialise the token"
+        return _fail_chain(doc, steps, 1, f"{exc}; fix: {fix}")
 
     def mechanisms_of() -> set[Any]:
         return set(token.slot.get_mechanisms())
@@ -266,7 +340,15 @@ def _server_steps(doc: Doctor, settings: Settings, signer: Signer | None) -> Non
         for step in steps:
             doc.skip(step, "no token_url: give --token-url or set DPOP_TOKEN_URL")
         return
-    with httpx.Client(timeout=settings.timeout, follow_redirects=False) as client:
+    from dpop_signer.tls import ssl_context
+    from dpop_signer.tokens import USER_AGENT
+
+    with httpx.Client(
+        timeout=settings.timeout,
+        follow_redirects=False,
+        verify=ssl_context(settings.ca_bundle),
+        headers={"User-Agent": USER_AGENT},
+    ) as client:
         if not _reachable(doc, client, settings.token_url):
             for step in steps[1:]:
                 doc.skip(step, "needs 'token endpoint reachable'")
@@ -285,25 +367,55 @@ def _reachable(doc: Doctor, client: httpx.Client, token_url: str) -> bool:
     import httpx
 
     step = "token endpoint reachable"
+    shown = redact_url(token_url)
     try:
         response = client.get(token_url)
     except httpx.TimeoutException:
-        doc.fail(step, f"{token_url} timed out", "check the URL, proxies and firewalls")
+        doc.fail(step, f"{shown} timed out", "check the URL, proxies and firewalls")
         return False
     except httpx.HTTPError as exc:
+        from dpop_signer.tls import certificate_problem
+
+        problem = certificate_problem(exc)
+        if problem is not None:
+            doc.fail(
+                step,
+                f"{shown}: TLS certificate check failed: {problem}",
+                "for a private CA give --cacert FILE, set DPOP_CA_BUNDLE or put ca_bundle in "
+                "--config; otherwise fix the server's certificate",
+            )
+            return False
         doc.fail(
             step,
-            f"{token_url}: {exc or type(exc).__name__}",
+            f"{shown}: {exc or type(exc).__name__}",
             "check the URL and that the server is running",
         )
         return False
-    doc.ok(step, f"{token_url} answered GET with HTTP {response.status_code}")
+    status = response.status_code
+    if status in (404, 410):
+        doc.fail(
+            step,
+            f"{shown} answered GET with HTTP {status}: there is nothing at this path",
+            "check the token URL (the authorization server's discovery document names it as "
+            "token_endpoint)",
+        )
+        return False
+    if 300 <= status < 400:
+        location = sanitize_server_text(redact_url(response.headers.get("location", "")), limit=200)
+        doc.fail(
+            step,
+            f"{shown} answered GET with HTTP {status}, redirecting to {location or 'nowhere'}",
+            "use the URL it redirects to as the token URL (token requests are not redirected)",
+        )
+        return False
+    doc.ok(step, f"{shown} answered GET with HTTP {status}")
     return True
 
 
 def _well_known_urls(token_url: str) -> list[str]:
     parts = urlsplit(token_url)
-    origin = f"{parts.scheme}://{parts.netloc}"
+    # The host without user info: discovery documents are public (RFC 8414 §3).
+    origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
     # RFC 8414 §3 (OAuth) first, then OpenID Connect Discovery 1.0 §4.
     return [
         f"{origin}/.well-known/oauth-authorization-server",
@@ -330,17 +442,18 @@ def _discovery(doc: Doctor, client: httpx.Client, token_url: str) -> None:
             continue
         algs = metadata.get("dpop_signing_alg_values_supported")
         if isinstance(algs, list) and "ES256" in algs:
-            doc.ok(step, f"dpop_signing_alg_values_supported lists ES256 ({url})")
+            doc.ok(step, f"dpop_signing_alg_values_supported lists ES256 ({redact_url(url)})")
         elif algs is None:
             doc.fail(
                 step,
-                f"{url} has no dpop_signing_alg_values_supported (RFC 9449 §5.1)",
+                f"{redact_url(url)} has no dpop_signing_alg_values_supported (RFC 9449 §5.1)",
                 "enable DPoP on the authorization server",
             )
         else:
             doc.fail(
                 step,
-                f"{url} lists dpop_signing_alg_values_supported {algs}, without ES256",
+                f"{redact_url(url)} lists dpop_signing_alg_values_supported "
+                f"{sanitize_server_text(json.dumps(algs), limit=200)}, without ES256",
                 "allow ES256 for DPoP proofs on the authorization server",
             )
         return
@@ -394,7 +507,8 @@ def _token(doc: Doctor, client: httpx.Client, settings: Settings, signer: Signer
     else:
         doc.fail(
             jkt_step,
-            f"cnf.jkt is {bound}, our key's thumbprint is {ours}",
+            f"cnf.jkt is {sanitize_server_text(str(bound), limit=100)}, our key's thumbprint "
+            f"is {ours}",
             "the server bound the token to another key; check the key the server saw",
         )
 

@@ -10,6 +10,8 @@ DPoPSignerError
 ├── ConfigError                 invalid, missing or contradictory settings
 ├── SignerError                 anything the key backend does wrong
 │   ├── SignerUnavailableError  module will not load, token absent, device or session lost
+│   │   ├── KeyChangedError     the token now holds a different key under the same name
+│   │   └── SignerTimeoutError  the module did not answer within the signing deadline
 │   ├── KeyNotFoundError        no key, or more than one key, matches the reference
 │   ├── UnsupportedKeyError     not an EC P-256 private key (RSA, P-384, public only, ...)
 │   ├── PinError                wrong, locked or missing PIN or passphrase; never retried
@@ -23,6 +25,8 @@ DPoPSignerError
     └── ServerUnreachableError  connection refused, timed out, or the wrong kind of server
 ```
 
+An `OAuthError` from a token request carries ``retry_after``: when the next one is sent.
+
 Messages are one line, name what was involved (module, token, key, URL) and say how to fix it.
 They never contain a PIN, passphrase, client secret, access token, nonce or whole proof.
 """
@@ -33,12 +37,14 @@ __all__ = [
     "ConfigError",
     "DPoPSignerError",
     "InvalidTokenResponseError",
+    "KeyChangedError",
     "KeyNotFoundError",
     "OAuthError",
     "PinError",
     "ProofError",
     "ServerUnreachableError",
     "SignerError",
+    "SignerTimeoutError",
     "SignerUnavailableError",
     "SigningFailedError",
     "TokenEndpointError",
@@ -75,6 +81,22 @@ class SignerUnavailableError(SignerError):
     """Raised when the PKCS#11 module, the token or the device cannot be reached."""
 
 
+class KeyChangedError(SignerUnavailableError):
+    """Raised when a key found again is not the key the signer was opened with.
+
+    Proofs carry the public JWK read at open; a key swapped under the same label or id would
+    sign proofs that verify against nothing, so the signer refuses until it is opened (or
+    rotated) explicitly.
+    """
+
+
+class SignerTimeoutError(SignerUnavailableError):
+    """Raised when the module does not answer within the signing deadline (``sign_timeout``).
+
+    The stuck call finishes in its own thread; the signer answers again once it returns.
+    """
+
+
 class KeyNotFoundError(SignerError):
     """Raised when no key, or more than one key, matches the reference."""
 
@@ -108,7 +130,13 @@ class VerificationError(DPoPSignerError):
 
 
 class OAuthError(DPoPSignerError):
-    """Raised when an authorization or resource server misbehaves or refuses the request."""
+    """Raised when an authorization or resource server misbehaves or refuses the request.
+
+    ``retry_after``: for a failed token request, seconds until `dpop_signer.DPoPAuth` sends the
+    next one (its backoff, or the server's ``Retry-After`` if longer); ``None`` otherwise.
+    """
+
+    retry_after: float | None = None
 
 
 class TokenEndpointError(OAuthError):

@@ -18,7 +18,9 @@ Responses are read as RFC 6749 §5.1 (success) or §5.2 (error). A token whose `
 is not ``DPoP`` (compared case-insensitively) is refused unless ``accept_bearer=True``: a
 server that silently downgrades to Bearer would otherwise turn a sender-constrained deployment
 into a bearer one without anybody noticing. Error messages carry status codes, content types
-and the server's ``error`` code, never the response body, a token or a secret.
+and the server's ``error`` code and ``error_description``, never the rest of the response body.
+What the server wrote goes through a `dpop_signer.redaction.Redactor` first, so a server that
+echoes the request cannot make us print the client secret (in any encoding) or a proof.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from urllib.parse import quote_plus, urlencode
 
 import httpx
 
+from dpop_signer import __version__
 from dpop_signer.errors import (
     ConfigError,
     InvalidTokenResponseError,
@@ -43,10 +46,12 @@ from dpop_signer.errors import (
     TokenEndpointError,
 )
 from dpop_signer.proof import compact_jws, default_jti, normalize_htu
+from dpop_signer.redaction import Redactor, redact_url
 from dpop_signer.signers.base import Signer
 
 __all__ = [
     "CLIENT_ASSERTION_TYPE",
+    "USER_AGENT",
     "AccessToken",
     "ClientAuth",
     "ClientCredentialsTokenSource",
@@ -60,8 +65,11 @@ ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_j
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 """RFC 7523 §2.2 ``client_assertion_type``."""
 
+USER_AGENT = f"dpop-signer/{__version__}"
+"""The ``User-Agent`` of token requests and of the CLI's HTTP clients: servers' logs can tell
+dpop-signer apart from other clients (RFC 9110 §10.1.5)."""
+
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 9110 §11.2
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 # What to do about the common RFC 6749 §5.2 error codes, for one-line messages that help.
 _HINTS = {
@@ -159,8 +167,8 @@ class ClientCredentialsTokenSource:
         needs_secret = client_auth in ("client_secret_basic", "client_secret_post")
         if needs_secret and not client_secret:
             raise ConfigError(
-                f"client_auth {client_auth} needs a client secret (--client-secret or "
-                "DPOP_CLIENT_SECRET)"
+                f"client_auth {client_auth} needs a client secret and none was given; "
+                "pass client_secret="
             )
         if not needs_secret and client_secret is not None:
             raise ConfigError(
@@ -192,6 +200,8 @@ class ClientCredentialsTokenSource:
         self._audience = audience or None
         self._accept_bearer = accept_bearer
         self._assertion_lifetime = assertion_lifetime
+        # A password in the token URL's user info is a credential the server may echo too.
+        self._redact = Redactor([client_secret, httpx.URL(token_url).password], client_id=client_id)
         if httpx.URL(token_url).scheme == "http" and not _is_loopback(token_url):
             logger.warning(
                 "token URL %s uses plain http: client credentials travel unencrypted", self._htu
@@ -279,6 +289,7 @@ class ClientCredentialsTokenSource:
         if self._audience is not None:
             form.append(("audience", self._audience))
         headers = {
+            "User-Agent": USER_AGENT,
             "Accept": "application/json",
             "Content-Type": "application/x-www-form-urlencoded",
             "DPoP": proof,
@@ -329,7 +340,11 @@ class ClientCredentialsTokenSource:
             )
         if status != 200:
             location = response.headers.get("location")
-            redirect = f" redirecting to {_cut(location)}" if location and status < 400 else ""
+            redirect = (
+                f" redirecting to {self._redact(redact_url(location), limit=200)}"
+                if location and status < 400
+                else ""
+            )
             raise InvalidTokenResponseError(
                 f"{where} answered HTTP {status} ({shown_type}){redirect}, not a token "
                 "response (RFC 6749 §5.1); check that the token URL points at the token endpoint"
@@ -343,15 +358,12 @@ class ClientCredentialsTokenSource:
         return self._token(body, where, now)
 
     def _error(self, body: Mapping[str, Any], status: int, where: str) -> TokenEndpointError:
-        error = _clean(str(body["error"]), 64)
+        # Server text: it may echo the request (Basic credentials, the form, the proof).
+        error = self._redact(str(body["error"]), limit=64)
         raw_description = body.get("error_description")
         description = None
         if isinstance(raw_description, str):
-            text = raw_description
-            if self._client_secret:
-                # Defence in depth: a server that echoes what it got must not make us print it.
-                text = text.replace(self._client_secret, "***")
-            description = _clean(text, 300)
+            description = self._redact(raw_description) or None
         detail = f": {description}" if description else ""
         hint = _HINTS.get(error)
         return TokenEndpointError(
@@ -383,8 +395,8 @@ class ClientCredentialsTokenSource:
             )
         if kind not in ("dpop", "bearer"):
             raise InvalidTokenResponseError(
-                f"{where} issued a token of type {_clean(token_type, 40)!r}; only DPoP (or "
-                "Bearer with accept_bearer=True) can be used"
+                f"{where} issued a token of type {self._redact(token_type, limit=40)!r}; only "
+                "DPoP (or Bearer with accept_bearer=True) can be used"
             )
         expires_in = body.get("expires_in")
         if isinstance(expires_in, str) and expires_in.strip().isdigit():
@@ -432,15 +444,6 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return body if isinstance(body, dict) else None
-
-
-def _clean(text: str, limit: int) -> str:
-    text = _CONTROL.sub(" ", text).strip()
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _cut(url: str) -> str:
-    return _clean(url.split("?", 1)[0], 200)
 
 
 def _is_loopback(url: str) -> bool:

@@ -31,12 +31,11 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dpop_signer.errors import DPoPSignerError
-from dpop_signer.jwk import jwk_thumbprint
 from dpop_signer.proof import normalize_htu, origin_of
 from dpop_signer.service.http import (
     ApiError,
@@ -49,12 +48,13 @@ from dpop_signer.service.http import (
 )
 from dpop_signer.service.logs import log_event
 from dpop_signer.service.metrics import CONTENT_TYPE, Metrics
+from dpop_signer.service.reload import KeyBundle
 from dpop_signer.service.security import ApiKeys
-from dpop_signer.service.signer import ServiceSigner
+from dpop_signer.service.signer import SignerState
+from dpop_signer.urls import check_http_url
 
 if TYPE_CHECKING:
-    from dpop_signer.auth import DPoPAuth
-    from dpop_signer.proof import DPoPProofBuilder
+    pass
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -79,10 +79,18 @@ _METHOD = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 _TOKEN68 = r"^[A-Za-z0-9\-._~+/]+=*$"
 # RFC 9449 §8.1: nonce = 1*NQCHAR.
 _NQCHAR = r"^[\x21\x23-\x5B\x5D-\x7E]+$"
+# For the OpenAPI document only (check_http_url decides): scheme, then a host of name or
+# address characters, then an optional port of 1-5 digits.
+_HTTP_URL = (
+    r"^[Hh][Tt][Tt][Pp][Ss]?://([^/?#@]*@)?(\[[0-9A-Fa-f:.]+\]|[^\s/?#@:\[\]{}]+)"
+    r"(:[0-9]{0,5})?([/?#]|$)"
+)
 
 
 def _http_url(value: str) -> str:
-    # ProofError is a ValueError: pydantic reports its one-line message as a 422.
+    # ValueError (ProofError is one): pydantic reports its one-line message as a 422. httpx
+    # parses URLs no request can go to (port 0, empty labels); check_http_url refuses them.
+    check_http_url(value)
     normalize_htu(value)
     return value
 
@@ -103,8 +111,10 @@ class _Target(_Strict):
     htu: str = Field(
         min_length=1,
         max_length=4096,
-        description="URL of that request; query and fragment are dropped (RFC 9449 §4.2)",
+        description="absolute http(s) URL of that request, with a valid host and a port of "
+        "1-65535 if any; query and fragment are dropped (RFC 9449 §4.2)",
         examples=["https://api.example/v1/things"],
+        json_schema_extra={"format": "uri", "pattern": _HTTP_URL},
     )
 
     @field_validator("htu")
@@ -137,7 +147,8 @@ class HeadersRequest(_Target):
         default=None,
         max_length=1024,
         pattern=_NQCHAR,
-        description="a DPoP-Nonce the resource server sent; remembered for its origin",
+        description="a DPoP-Nonce the resource server sent; used in this proof only, never "
+        "stored for other requests",
     )
 
 
@@ -170,10 +181,15 @@ class JwkResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    """Whether the service runs and its key is reachable."""
+    """Whether the service runs and its key can sign, and if not, why."""
 
     status: Literal["ok", "unavailable"]
-    signer: Literal["available", "unavailable"]
+    signer: SignerState = Field(
+        description="available; stalled (the HSM has not answered within sign_timeout); "
+        "key_missing or unavailable (retried with back-off); pin_refused or key_changed "
+        "(until the configuration is reloaded)"
+    )
+    reason: str | None = Field(default=None, description="one line, when not available")
 
 
 class ErrorResponse(BaseModel):
@@ -188,9 +204,9 @@ class ServiceState:
     """Everything the endpoints use; built once by `dpop_signer.service.commands`.
 
     Attributes:
-        signer: the key (recovers from HSM outages).
-        proofs: builds the proofs of ``/v1/proof`` (a `DPoPProofBuilder` on ``signer``).
-        auth: the `DPoPAuth` for ``/v1/headers``; None when no token endpoint is configured.
+        key: the key (a `ServiceSigner`, which recovers from HSM outages), the proof builder of
+            ``/v1/proof`` and the `DPoPAuth` of ``/v1/headers`` (None when no token endpoint is
+            configured), swapped whole on reload; a request takes it once, at its start.
         api_keys: keys a ``/v1`` caller must present; None when none are required.
         allowed_origins: origins proofs may be made for; empty means any.
         max_body: largest request body in bytes.
@@ -201,9 +217,7 @@ class ServiceState:
             ``--allow-remote``: DNS rebinding).
     """
 
-    signer: ServiceSigner
-    proofs: DPoPProofBuilder
-    auth: DPoPAuth | None = None
+    key: KeyBundle
     api_keys: ApiKeys | None = None
     allowed_origins: frozenset[str] = frozenset()
     max_body: int = DEFAULT_MAX_BODY
@@ -216,7 +230,6 @@ class ServiceState:
 class _Handlers:
     def __init__(self, state: ServiceState) -> None:
         self.state = state
-        self.jkt = jwk_thumbprint(state.signer.public_jwk)
 
     # -- checks shared by the /v1 endpoints --------------------------------------------------
 
@@ -291,6 +304,7 @@ class _Handlers:
     def _audit(
         self,
         request: Request,
+        bundle: KeyBundle,
         key: int | None,
         endpoint: str,
         htm: object,
@@ -305,23 +319,25 @@ class _Handlers:
             htm=htm,
             htu=htu,
             jti=jti,
-            jkt=self.jkt,
+            jkt=bundle.jkt,
         )
         self.state.metrics.proofs[endpoint] += 1
 
     # -- endpoints --------------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
-        available = self.state.signer.available
+        signer = self.state.key.signer
+        state = signer.state
+        available = state == "available"
         body = HealthResponse(
-            status="ok" if available else "unavailable",
-            signer="available" if available else "unavailable",
+            status="ok" if available else "unavailable", signer=state, reason=signer.reason
         )
         return JSONResponse(body.model_dump(), status_code=200 if available else 503)
 
     async def jwk(self, request: Request) -> Response:
         self._authenticate(request)
-        return JSONResponse({"jwk": dict(self.state.signer.public_jwk), "jkt": self.jkt})
+        bundle = self.state.key
+        return JSONResponse({"jwk": dict(bundle.signer.public_jwk), "jkt": bundle.jkt})
 
     async def proof(self, request: Request) -> Response:
         key = self._authenticate(request)
@@ -329,21 +345,21 @@ class _Handlers:
         self._check_origin(body.htu)
         # prepare/sign/finish rather than build_async: the jti comes back for the audit line,
         # and the service's own signer is called directly (no Protocol isinstance per proof).
-        proofs = self.state.proofs
-        prepared = proofs.prepare(
-            body.htm, body.htu, access_token=body.access_token, nonce=body.nonce
-        )
-        signature = await self.state.signer.sign_async(prepared.signing_input.encode("ascii"))
-        proof = proofs.finish(prepared, signature)
-        self._audit(request, key, "proof", body.htm, normalize_htu(body.htu), prepared.jti)
+        with self.state.key.in_use() as bundle:
+            proofs = bundle.proofs
+            prepared = proofs.prepare(
+                body.htm, body.htu, access_token=body.access_token, nonce=body.nonce
+            )
+            signature = await bundle.signer.sign_async(prepared.signing_input.encode("ascii"))
+            proof = proofs.finish(prepared, signature)
+        self._audit(request, bundle, key, "proof", body.htm, normalize_htu(body.htu), prepared.jti)
         # A compact JWS is base64url and dots: nothing in it needs JSON escaping, so the body
         # is the same bytes JSONResponse would render, without an encoder per proof.
         return Response(b'{"proof":"%s"}' % proof.encode("ascii"), media_type="application/json")
 
     async def headers(self, request: Request) -> Response:
         key = self._authenticate(request)
-        auth = self.state.auth
-        if auth is None or self.state.http is None:
+        if self.state.key.auth is None or self.state.http is None:
             raise ApiError(
                 404,
                 "not_configured",
@@ -352,16 +368,27 @@ class _Handlers:
             )
         body: HeadersRequest = await self._read_json(request, HeadersRequest)
         self._check_origin(body.htu)
-        if body.nonce is not None:
-            auth.nonces.remember(body.htu, body.nonce)
-        headers: dict[str, str] = await auth.aheaders(self.state.http, body.htm, body.htu)
+        with self.state.key.in_use() as bundle:
+            auth = bundle.auth
+            assert auth is not None  # every bundle of a service with a token endpoint has one
+            if body.nonce is None:
+                headers: dict[str, str] = await auth.aheaders(self.state.http, body.htm, body.htu)
+            else:
+                # The caller's nonce goes into this proof only: stored in the shared cache, any
+                # caller could set or evict the nonce of other callers' proofs for an origin.
+                token = await auth.aget_token(self.state.http)
+                proof = await auth.proofs.build_async(
+                    body.htm, body.htu, access_token=token.value, nonce=body.nonce
+                )
+                headers = {"Authorization": f"{token.scheme} {token.value}", "DPoP": proof}
         claims = claims_of(headers.get("DPoP", ""))
         self._audit(
-            request, key, "headers", claims.get("htm"), claims.get("htu"), claims.get("jti")
+            request, bundle, key, "headers", claims.get("htm"), claims.get("htu"), claims.get("jti")
         )
         return JSONResponse({"headers": headers})
 
     async def metrics(self, request: Request) -> Response:
+        self.state.metrics.signer_state = self.state.key.signer.state
         return PlainTextResponse(self.state.metrics.render(), media_type=CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Response:
@@ -378,6 +405,11 @@ def _guard(
             return await handler(request)
         except ApiError as exc:
             return error_response(exc, metrics)
+        except ClientDisconnect:
+            # The caller left mid-body (or the service closed a stalled one): nobody reads an
+            # answer, and it is the caller's doing, not a fault of ours.
+            log_event("client_gone", logging.INFO, path=request.url.path)
+            return Response(status_code=499)
         except DPoPSignerError as exc:
             error = error_for(exc)
             log_event(
@@ -402,14 +434,14 @@ def create_signer_app(state: ServiceState) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if state.auth is not None and state.http is None and state.make_client is not None:
+        if state.key.auth is not None and state.http is None and state.make_client is not None:
             state.http = state.make_client()
         try:
             yield
         finally:
             if state.http is not None:
                 await state.http.aclose()
-            state.signer.close()
+            state.key.close()
             log_event("stopped")
 
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -11,6 +11,10 @@ The safety rules, checked before anything listens:
   reach a loopback port. ``--allow-unauthenticated`` waives that on loopback TCP only (never
   with ``--allow-remote``). A unix socket (mode 0600) is protected by file permissions and
   needs no key, though it checks one if given.
+
+On ``SIGHUP`` both re-read their settings the same way (`_reload`) and swap in the new key,
+PIN, client secret and API keys (`dpop_signer.service.reload`); the address, origins and
+upstream stay as they were at start.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dpop_signer.errors import ConfigError
 if TYPE_CHECKING:
     from dpop_signer.config import Settings
     from dpop_signer.service.metrics import Metrics
+    from dpop_signer.service.reload import KeyBundle
     from dpop_signer.service.security import ApiKeys, Listen
 
 __all__ = ["proxy", "serve"]
@@ -60,6 +65,23 @@ _unauthenticated_option = click.option(
     is_flag=True,
     default=False,
     help="Serve loopback TCP without an API key: every local process may then use the key.",
+)
+_read_timeout_option = click.option(
+    "--read-timeout",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=10.0,
+    show_default=True,
+    help="A caller must send its request headers within this time, and may pause its body no "
+    "longer; slower connections are closed.",
+)
+_max_connections_option = click.option(
+    "--max-connections",
+    metavar="N",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most open connections; a new one evicts the longest-idle. [default: what the "
+    "open-files limit (ulimit -n) leaves room for]",
 )
 _log_level_option = click.option(
     "--log-level",
@@ -97,6 +119,42 @@ def _prepare(
     return settings, listen, api_keys
 
 
+def _open_key(settings: Settings, metrics: Metrics) -> KeyBundle:
+    """The key named by ``settings``, and the `DPoPAuth` on it when a token endpoint is set."""
+    from dpop_signer.config import build_auth, build_signer
+    from dpop_signer.service.reload import KeyBundle
+    from dpop_signer.service.signer import ServiceSigner
+
+    signer = ServiceSigner(lambda: build_signer(settings), metrics=metrics)
+    try:
+        auth = build_auth(settings, signer) if settings.token_url is not None else None
+    except BaseException:
+        signer.close()
+        raise
+    return KeyBundle(signer, auth)
+
+
+def _reload(
+    ctx: click.Context, started: Settings, api_keys: ApiKeys | None, metrics: Metrics
+) -> tuple[KeyBundle, ApiKeys | None]:
+    """Read the settings again as at start (no prompts: a reload has no terminal)."""
+    from dpop_signer.service.security import ApiKeys
+
+    settings = settings_from_context(ctx)
+    if settings.pin is None and settings.key == started.key and started.pin is not None:
+        # A PIN typed at the prompt cannot be read again; it stays while the key does.
+        settings = settings.with_values(started.source_of("pin"), pin=started.pin)
+    fresh = ApiKeys.from_file(settings.api_key_file) if settings.api_key_file else None
+    if (fresh is None) != (api_keys is None):
+        raise ConfigError(
+            "adding or removing --api-key-file needs a restart; the running service keeps its "
+            "API keys"
+        )
+    if started.token_url is not None:
+        settings.require("token_url", "client_id")
+    return _open_key(settings, metrics), fresh
+
+
 def _token_counter(settings: Settings, metrics: Metrics) -> Callable[[Any], Any]:
     import httpx
 
@@ -127,11 +185,21 @@ def _token_counter(settings: Settings, metrics: Metrics) -> Callable[[Any], Any]
 )
 @_remote_option
 @_unauthenticated_option
+@_read_timeout_option
+@_max_connections_option
 @_log_level_option
 @key_options
 @client_options
 @click.pass_context
-def serve(ctx: click.Context, /, allow_unauthenticated: bool, log_level: str, **_: object) -> None:
+def serve(
+    ctx: click.Context,
+    /,
+    allow_unauthenticated: bool,
+    read_timeout: float,
+    max_connections: int | None,
+    log_level: str,
+    **_: object,
+) -> None:
     """Serve DPoP proofs and headers over HTTP to local programs.
 
     The key and the PIN stay in this process; callers get proofs (POST /v1/proof), the public
@@ -148,29 +216,22 @@ def serve(ctx: click.Context, /, allow_unauthenticated: bool, log_level: str, **
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     import httpx
 
-    from dpop_signer.config import build_auth, build_signer
-    from dpop_signer.proof import DPoPProofBuilder
     from dpop_signer.service.app import ServiceState, create_signer_app
     from dpop_signer.service.metrics import Metrics
-    from dpop_signer.service.runner import serve_app
+    from dpop_signer.service.reload import Reloader
+    from dpop_signer.service.runner import ConnectionLimits, serve_app
     from dpop_signer.service.security import bind_listener, parse_origins
-    from dpop_signer.service.signer import ServiceSigner
 
     settings, listen, api_keys = _prepare(ctx, DEFAULT_LISTEN, allow_unauthenticated, log_level)
     origins = parse_origins(settings.allow_origin)
     metrics = Metrics()
-    auth = None
     if settings.token_url is not None or settings.client_id is not None:
         settings.require("token_url", "client_id")
-    signer = ServiceSigner(lambda: build_signer(settings), metrics=metrics)
+    bundle = _open_key(settings, metrics)
     try:
-        if settings.token_url is not None:
-            auth = build_auth(settings, signer)
         hook = _token_counter(settings, metrics)
         state = ServiceState(
-            signer=signer,
-            proofs=DPoPProofBuilder(signer),
-            auth=auth,
+            key=bundle,
             api_keys=api_keys,
             allowed_origins=origins,
             metrics=metrics,
@@ -181,14 +242,22 @@ def serve(ctx: click.Context, /, allow_unauthenticated: bool, log_level: str, **
         )
         sock = bind_listener(listen)
     except BaseException:
-        signer.close()
+        bundle.close()
         raise
+
+    def install(new: KeyBundle, keys: ApiKeys | None) -> KeyBundle:
+        old, state.key, state.api_keys = state.key, new, keys
+        return old
+
+    reloader = Reloader(lambda: _reload(ctx, settings, api_keys, metrics), install)
     started = serve_app(
         create_signer_app(state),
         listen,
         sock,
+        limits=ConnectionLimits(read_timeout, max_connections),
+        on_reload=reloader.request,
         mode="serve",
-        jkt=state.proofs.jkt,
+        jkt=bundle.jkt,
         api_key=api_keys is not None,
         allowed_origins=sorted(origins),
         token_endpoint=settings.token_url is not None,
@@ -216,6 +285,17 @@ def serve(ctx: click.Context, /, allow_unauthenticated: bool, log_level: str, **
     help="Request bodies up to this size are kept so a nonce demand or token renewal can "
     "resend them; larger ones stream without a retry.",
 )
+@click.option(
+    "--replay-total",
+    metavar="BYTES",
+    type=click.IntRange(min=0),
+    default=32 * 1024 * 1024,
+    show_default=True,
+    help="Most bytes all kept request bodies together may hold; beyond it a body streams "
+    "without a retry.",
+)
+@_read_timeout_option
+@_max_connections_option
 @_log_level_option
 @key_options
 @client_options
@@ -225,6 +305,9 @@ def proxy(
     /,
     allow_unauthenticated: bool,
     replay_limit: int,
+    replay_total: int,
+    read_timeout: float,
+    max_connections: int | None,
     log_level: str,
     **_: object,
 ) -> None:
@@ -242,45 +325,55 @@ def proxy(
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     import httpx
 
-    from dpop_signer.config import build_auth, build_signer
     from dpop_signer.service.metrics import Metrics
-    from dpop_signer.service.proxy import ProxyState, create_proxy_app
-    from dpop_signer.service.runner import serve_app
+    from dpop_signer.service.proxy import ProxyState, ReplayBudget, create_proxy_app
+    from dpop_signer.service.reload import Reloader
+    from dpop_signer.service.runner import ConnectionLimits, serve_app
     from dpop_signer.service.security import bind_listener
-    from dpop_signer.service.signer import ServiceSigner
+    from dpop_signer.urls import check_http_url
 
     settings, listen, api_keys = _prepare(
         ctx, DEFAULT_PROXY_LISTEN, allow_unauthenticated, log_level
     )
     settings.require("upstream", "token_url", "client_id")
     assert settings.upstream is not None  # for mypy: require() checked it
-    upstream = httpx.URL(settings.upstream)
-    metrics = Metrics()
-    signer = ServiceSigner(lambda: build_signer(settings), metrics=metrics)
     try:
-        auth = build_auth(settings, signer)
+        upstream = check_http_url(settings.upstream, "--upstream")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    metrics = Metrics()
+    bundle = _open_key(settings, metrics)
+    try:
         hook = _token_counter(settings, metrics)
         state = ProxyState(
             upstream=upstream,
+            key=bundle,
             make_client=lambda: httpx.AsyncClient(
-                auth=auth,
                 timeout=settings.timeout,
                 follow_redirects=False,
                 event_hooks={"response": [hook]},
             ),
             api_keys=api_keys,
             replay_limit=replay_limit,
+            replay_budget=ReplayBudget(replay_total),
             metrics=metrics,
-            signer=signer,
         )
         sock = bind_listener(listen)
     except BaseException:
-        signer.close()
+        bundle.close()
         raise
+
+    def install(new: KeyBundle, keys: ApiKeys | None) -> KeyBundle:
+        old, state.key, state.api_keys = state.key, new, keys
+        return old
+
+    reloader = Reloader(lambda: _reload(ctx, settings, api_keys, metrics), install)
     started = serve_app(
         create_proxy_app(state, loopback_only=not listen.is_unix and not settings.allow_remote),
         listen,
         sock,
+        limits=ConnectionLimits(read_timeout, max_connections),
+        on_reload=reloader.request,
         mode="proxy",
         # Never the whole URL: user info or a query may carry credentials.
         upstream=f"{upstream.scheme}://{upstream.netloc.decode('ascii')}{upstream.path}",

@@ -18,11 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dpop_signer.errors import (
     DPoPSignerError,
     InvalidTokenResponseError,
+    KeyChangedError,
     OAuthError,
     PinError,
     ProofError,
     ServerUnreachableError,
     SignerError,
+    SignerTimeoutError,
     TokenEndpointError,
     UseDPoPNonceError,
 )
@@ -31,6 +33,7 @@ from dpop_signer.service.logs import log_event, logger
 from dpop_signer.service.metrics import Metrics
 
 __all__ = [
+    "TARGET_AUTHORITY",
     "ApiError",
     "LoopbackHostMiddleware",
     "RequestLogMiddleware",
@@ -62,8 +65,12 @@ def error_for(exc: DPoPSignerError) -> ApiError:
         return ApiError(
             503,
             "signer_pin_refused",
-            f"{exc.message}; the service will not retry a PIN, restart it with the right one",
+            f"{exc.message}; the service will not retry a PIN: fix it and reload (SIGHUP)",
         )
+    if isinstance(exc, SignerTimeoutError):
+        return ApiError(503, "signer_timeout", exc.message, {"Retry-After": RETRY_AFTER_SECONDS})
+    if isinstance(exc, KeyChangedError):
+        return ApiError(503, "key_changed", exc.message)
     if isinstance(exc, SignerError):
         return ApiError(
             503,
@@ -111,6 +118,11 @@ def caller_of(request: Request) -> str:
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
+TARGET_AUTHORITY = "dpop_signer.target_authority"
+"""Scope ``extensions`` key: the authority of an absolute-form request target (RFC 9112
+§3.2.2), set by the server protocol (`dpop_signer.service.runner`); ASGI scopes carry only
+the path."""
+
 
 class LoopbackHostMiddleware:
     """Answer 421 to a request whose ``Host`` is not a loopback name or address.
@@ -126,41 +138,64 @@ class LoopbackHostMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Check ``Host``, then pass the request on."""
-        if scope["type"] == "http" and not _loopback_host(scope):
-            self.metrics.errors["misdirected_request"] += 1
-            body = json.dumps(
-                {
-                    "error": "misdirected_request",
-                    "message": "this service answers only requests addressed to localhost, "
-                    "127.0.0.1 or [::1]",
-                }
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 421,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-            return
+        """Check ``Host`` (and an absolute-form target's authority), then pass the request on."""
+        if scope["type"] == "http":
+            refusal = _host_refusal(scope)
+            if refusal is not None:
+                await _refuse(send, refusal, self.metrics)
+                return
         await self.app(scope, receive, send)
 
 
-def _loopback_host(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"host":
-            host = value.decode("latin-1").strip().lower()
-            if host.startswith("["):
-                host = host[: host.find("]") + 1]
-            else:
-                host = host.rpartition(":")[0] if ":" in host else host
-            return host in _LOOPBACK_NAMES
-    return False  # HTTP/1.1 requires Host (RFC 9112 §3.2): a request without one is refused too
+def _host_refusal(scope: Scope) -> ApiError | None:
+    hosts = [value for name, value in scope["headers"] if name == b"host"]
+    if len(hosts) != 1:
+        # RFC 9112 §3.2: 400 for a request without Host or with more than one (two hosts let
+        # a front end and this service each believe a different one).
+        return ApiError(
+            400,
+            "invalid_host",
+            "send exactly one Host header (localhost, 127.0.0.1 or [::1])",
+        )
+    names = [hosts[0]]
+    target = scope.get("extensions", {}).get(TARGET_AUTHORITY)
+    if target is not None:
+        # RFC 9112 §3.2.2: with an absolute-form target the server uses its authority and
+        # ignores Host, so both must be loopback.
+        names.append(target)
+    if all(_loopback_name(name) for name in names):
+        return None
+    return ApiError(
+        421,
+        "misdirected_request",
+        "this service answers only requests addressed to localhost, 127.0.0.1 or [::1]",
+    )
+
+
+def _loopback_name(value: bytes) -> bool:
+    host = value.decode("latin-1").strip().lower()
+    host = host.rpartition("@")[2]  # user info, if an absolute-form target has it
+    if host.startswith("["):
+        host = host[: host.find("]") + 1]
+    else:
+        host = host.rpartition(":")[0] if ":" in host else host
+    return host in _LOOPBACK_NAMES
+
+
+async def _refuse(send: Send, error: ApiError, metrics: Metrics) -> None:
+    metrics.errors[error.code] += 1
+    body = json.dumps({"error": error.code, "message": error.message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestLogMiddleware:

@@ -1,13 +1,18 @@
 """Prometheus metrics for the service, hand-written and small.
 
-Four families, rendered in the Prometheus text exposition format (version 0.0.4):
+Six families, rendered in the Prometheus text exposition format (version 0.0.4):
 
 - ``dpop_signatures_total``: signatures made with the key (one per proof, token requests
   included);
 - ``dpop_sign_seconds``: signing latency histogram, as the event loop sees it (HSM round trip
-  included; for a signature offloaded to the worker thread, the thread hop too);
+  included, and for a PKCS#11 key the hop to its module's worker thread);
 - ``dpop_token_requests_total{status}``: requests to the token endpoint by HTTP status;
-- ``dpop_errors_total{kind}``: errors answered to callers, by kind.
+- ``dpop_errors_total{kind}``: errors answered to callers, by kind;
+- ``dpop_signer_failures_total{reason}``: signatures and reopen attempts that reached the key
+  and failed, by the state they put the key
+  in (``pin_refused``, ``key_changed``, ``key_missing``, ``stalled``, ``unavailable``);
+- ``dpop_signer_state{state}``: one sample, 1, labelled with the key's state now (as at
+  ``/healthz``).
 
 Counters live in one event loop thread, so plain integers suffice.
 """
@@ -33,6 +38,8 @@ class Metrics:
         self.proofs: Counter[str] = Counter()
         self.token_requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.signer_failures: Counter[str] = Counter()
+        self.signer_state = "available"
         self._bucket_counts = [0] * len(_BUCKETS)
         self._sign_count = 0
         self._sign_sum = 0.0
@@ -80,4 +87,17 @@ class Metrics:
             "# TYPE dpop_errors_total counter",
         ]
         out += [f'dpop_errors_total{{kind="{k}"}} {v}' for k, v in sorted(self.errors.items())]
+        out += [
+            "# HELP dpop_signer_failures_total Signatures that failed, by reason.",
+            "# TYPE dpop_signer_failures_total counter",
+        ]
+        out += [
+            f'dpop_signer_failures_total{{reason="{k}"}} {v}'
+            for k, v in sorted(self.signer_failures.items())
+        ]
+        out += [
+            "# HELP dpop_signer_state The key's state now, as /healthz reports it.",
+            "# TYPE dpop_signer_state gauge",
+        ]
+        out.append(f'dpop_signer_state{{state="{self.signer_state}"}} 1')
         return "\n".join(out) + "\n"

@@ -46,7 +46,7 @@ def is_pkcs11_ref(ref: str) -> bool:
     return ref[:7].lower() == "pkcs11:"
 
 
-def load_signer(ref: str, *, pin: str | None = None) -> Signer:
+def load_signer(ref: str, *, pin: str | None = None, sign_timeout: float | None = 5.0) -> Signer:
     """Open the key that ``ref`` names.
 
     Args:
@@ -54,6 +54,8 @@ def load_signer(ref: str, *, pin: str | None = None) -> Signer:
         pin: the token PIN or PEM passphrase. For PKCS#11 it wins over ``pin-value`` /
             ``pin-source`` in the URI, which win over the ``DPOP_PIN`` environment variable.
             For PEM, ``DPOP_PIN`` is used when ``pin`` is None and the file is encrypted.
+        sign_timeout: for PKCS#11, seconds a caller waits for the module at most before
+            `SignerTimeoutError` (None: no deadline). A PEM key signs in memory and never stalls.
 
     Raises:
         DPoPSignerError: a subclass naming what is wrong (see `dpop_signer.errors`).
@@ -61,7 +63,7 @@ def load_signer(ref: str, *, pin: str | None = None) -> Signer:
     if is_pkcs11_ref(ref):
         from dpop_signer.signers.pkcs11 import open_pkcs11_signer
 
-        return open_pkcs11_signer(ref, pin=pin)
+        return open_pkcs11_signer(ref, pin=pin, sign_timeout=sign_timeout)
     return PemSigner.from_file(ref, pin=_env_pin(pin))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
 from dpop_signer.errors import ConfigError, PinError, SignerUnavailableError
+from dpop_signer.redaction import SECRET_MARK
 
 __all__ = [
     "MODULE_ENV",
@@ -111,7 +112,7 @@ class Pkcs11Uri:
         if self.pin_source is not None:
             query.append(f"pin-source={quote(self.pin_source, safe='/:')}")
         if self.pin_value is not None:
-            query.append("pin-value=***")
+            query.append(f"pin-value={SECRET_MARK}")
         text = "pkcs11:" + ";".join(path)
         return text + ("?" + "&".join(query) if query else "")
 

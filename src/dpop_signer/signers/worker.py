@@ -60,8 +60,8 @@ class SigningWorker:
                     self._wake.wait()
                 self._idle = False
                 fn, args, future, loop = jobs.popleft()
-            if future.cancelled():
-                continue  # its caller gave up before the HSM was asked
+            if future.done():
+                continue  # its caller gave up (cancelled, or timed out) before the HSM was asked
             try:
                 outcome: Any = fn(*args)
             except BaseException as exc:

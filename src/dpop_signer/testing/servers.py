@@ -353,8 +353,8 @@ class LocalAuthorizationServer(RecordingServer):
     registered with neither. Every token request needs a valid DPoP proof; the token is an ES256
     JWT (RFC 9068) signed by an in-memory key, bound to the proof key by ``cnf.jkt``, with ``aud``
     = ``resource`` or ``audience`` if given, else the issuer. Attributes that are switches
-    (``mode``, ``require_nonce``, ``token_lifetime``, ``clock_skew``, ``slow_seconds``) may be
-    changed while it runs.
+    (``mode``, ``require_nonce``, ``token_lifetime``, ``clock_skew``, ``slow_seconds``,
+    ``stall_until``, ``unavailable_retry_after``) may be changed while it runs.
     """
 
     kind = "authorization server"
@@ -372,6 +372,8 @@ class LocalAuthorizationServer(RecordingServer):
         issuer: str | None = None,
         max_age: float = 300.0,
         max_future: float = 60.0,
+        stall_until: float | None = None,
+        unavailable_retry_after: str | None = None,
     ) -> None:
         """Create the server (not started: serve `app`, e.g. with `ServerThread`).
 
@@ -388,6 +390,10 @@ class LocalAuthorizationServer(RecordingServer):
                 `start_local_servers`.
             max_age: How old a proof's ``iat`` may be.
             max_future: How far ahead a proof's ``iat`` may be.
+            stall_until: A stalled token endpoint: until this ``time.time()`` every token
+                request waits (at most 60 s), then is answered as usual.
+            unavailable_retry_after: When set, every token request is answered ``503`` with
+                this ``Retry-After`` header value.
         """
         super().__init__(
             require_nonce=require_nonce,
@@ -399,6 +405,10 @@ class LocalAuthorizationServer(RecordingServer):
         )
         self.token_lifetime = token_lifetime
         self.mode: AsMode = mode
+        self.stall_until = stall_until
+        """Token requests wait until this ``time.time()`` (switchable at runtime)."""
+        self.unavailable_retry_after = unavailable_retry_after
+        """Token requests get 503 with this ``Retry-After`` (switchable at runtime)."""
         self.issuer = issuer
         self._signer = PemSigner(ec.generate_private_key(ec.SECP256R1()), source="local AS key")
         self.kid = jwk_thumbprint(self._signer.public_jwk)
@@ -509,6 +519,18 @@ class LocalAuthorizationServer(RecordingServer):
         self, request: Request, url: str, proofs: list[str], now: float
     ) -> Response:
         mode = self.mode
+        stall_until = self.stall_until
+        if stall_until is not None and stall_until > time.time():
+            # Read first (Starlette keeps it): a client that gave up must not turn the late
+            # read into a ClientDisconnect traceback.
+            await request.body()
+            await asyncio.sleep(min(stall_until - time.time(), 60.0))
+        if self.unavailable_retry_after is not None:
+            return PlainTextResponse(
+                "Service Unavailable",
+                status_code=503,
+                headers={"Retry-After": self.unavailable_retry_after},
+            )
         if mode == "slow":
             await asyncio.sleep(self.slow_seconds)
         elif mode == "error_500":

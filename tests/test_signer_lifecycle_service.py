@@ -37,13 +37,15 @@ def _serve(
     *,
     module: str | None = None,
     env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
 ) -> ServiceProcess:
     key = write_api_key(tmp_path / "api-key")
     pin_file = tmp_path / "pin"
     pin_file.write_text(token.pin)
     return start_service(
         ["serve", "--listen", "127.0.0.1:0", "--api-key-file", str(tmp_path / "api-key"),
-         "--key", token.uri(module), "--pin-file", str(pin_file), "--allow-origin", ALLOWED],
+         "--key", token.uri(module), "--pin-file", str(pin_file), "--allow-origin", ALLOWED,
+         *extra],
         tmp_path / "svc",
         env=env,
         api_key=key,
@@ -180,3 +182,18 @@ def test_a_stalled_hsm_answers_503_at_the_deadline_and_recovers(
             assert _proof(client, jwk).status_code == 200
     finally:
         server.stop()
+
+
+def test_health_probes_notice_a_deleted_key_without_traffic(
+    token: FreshToken, tmp_path: Path, stopping: list[ServiceProcess]
+) -> None:
+    service = _serve(token, tmp_path, extra=("--probe-interval", "0.4"))
+    stopping.append(service)
+    with service.client() as client:
+        _health_becomes(client, "available")
+        token.delete_key()
+        # No proof is asked for: only the service's own probe can find out.
+        body, took = _health_becomes(client, "key_missing")
+        assert took < 0.4 + 1.0, took
+        assert "does not exist" in body["reason"]
+        assert 'dpop_signer_state{state="key_missing"} 1' in client.get("/metrics").text

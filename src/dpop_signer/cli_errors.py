@@ -113,8 +113,10 @@ _CLI_WORDS: list[tuple[re.Pattern[str], Callable[[Options | None], str]]] = [
     ),
     (
         re.compile(r"or pass accept_bearer=True( to accept unbound tokens)?"),
-        lambda opts: "or, to accept unbound tokens, "
-        + _ways("accept_bearer", opts).replace("DPOP_ACCEPT_BEARER", "DPOP_ACCEPT_BEARER=1"),
+        lambda opts: (
+            "or, to accept unbound tokens, "
+            + _ways("accept_bearer", opts).replace("DPOP_ACCEPT_BEARER", "DPOP_ACCEPT_BEARER=1")
+        ),
     ),
     (re.compile(r"with accept_bearer=True"), lambda opts: "with --accept-bearer"),
     (
@@ -153,7 +155,10 @@ def cli_words(message: str, options: Options | None = None) -> str:
     ``options``: the long options of the command (``None``: every option is offered).
     """
     for pattern, words in _CLI_WORDS:
-        message = pattern.sub(lambda _m, words=words: words(options), message)
+        if pattern.search(message):
+            # A function, not a string: the words may hold backslashes re.sub would expand.
+            replacement = words(options)
+            message = pattern.sub(lambda _m: replacement, message)  # noqa: B023 - used at once
     return message
 
 
@@ -187,9 +192,7 @@ def _httpx_message(exc: BaseException, options: Options) -> str | None:
         return None
     where = _where(exc)
     if isinstance(exc, httpx.TimeoutException):
-        return (
-            f"timed out on{where}; to wait longer, {_ways('timeout', options)}"
-        )
+        return f"timed out on{where}; to wait longer, {_ways('timeout', options)}"
     if isinstance(exc, httpx.ConnectError):
         return f"cannot connect for{where}: {exc}; check the URL and that the server is running"
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):

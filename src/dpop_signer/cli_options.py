@@ -152,6 +152,14 @@ client_options = _compose(
         type=float,
         help="HTTP timeout (default 10).",
     ),
+    _option(
+        "--cacert",
+        "ca_bundle",
+        field="ca_bundle",
+        metavar="FILE",
+        type=click.Path(dir_okay=False),
+        help="Trust the CA certificates in this PEM file instead of the system's store.",
+    ),
 )
 """The authorization-server options: what every command that fetches a token needs."""
 
@@ -188,7 +196,7 @@ def settings_from_context(ctx: click.Context) -> Settings:
                 f"local users; drop pin-value= and use {env_name('pin')}, "
                 f"{option_name('pin')}-file or the prompt instead"
             )
-    return load_settings(options, config_file=params.get("config"))
+    return load_settings(options, config_file=params.get("config"), default_config=True)
 
 
 def _stdin_is_interactive() -> bool:
@@ -220,7 +228,8 @@ def prompt_for_secrets(settings: Settings, *, need_client_secret: bool = False) 
     """Ask for a missing PIN (and client secret) with hidden input, when stdin is a terminal.
 
     Non-interactive runs get no prompt: `load_signer` then raises a `PinError` that says how
-    to give the PIN. ``DPOP_NO_PROMPT=1`` turns prompts off.
+    to give the PIN. ``DPOP_NO_PROMPT=1`` turns prompts off. A client with neither a secret
+    nor a ``client_auth`` is asked for its secret too; an empty answer makes it a public client.
     """
     if not _stdin_is_interactive():
         return settings
@@ -229,11 +238,24 @@ def prompt_for_secrets(settings: Settings, *, need_client_secret: bool = False) 
         if needed:
             pin = click.prompt(label, hide_input=True, err=True)
             settings = settings.with_values("the prompt", pin=pin)
-    if (
-        need_client_secret
-        and settings.client_secret is None
-        and settings.client_auth in ("client_secret_basic", "client_secret_post")
-    ):
-        secret = click.prompt(f"client secret for {settings.client_id}", hide_input=True, err=True)
-        settings = settings.with_values("the prompt", client_secret=secret)
+    if need_client_secret and settings.client_secret is None:
+        if settings.client_auth in ("client_secret_basic", "client_secret_post"):
+            secret = click.prompt(
+                f"client secret for {settings.client_id}", hide_input=True, err=True
+            )
+            settings = settings.with_values("the prompt", client_secret=secret)
+        elif settings.client_auth is None and settings.client_id is not None:
+            # Nobody said the client is public: ask rather than send no secret and get a bare
+            # invalid_client back. An empty answer means "a public client".
+            secret = click.prompt(
+                f"client secret for {settings.client_id} (Enter: none, a public client)",
+                hide_input=True,
+                err=True,
+                default="",
+                show_default=False,
+            )
+            if secret:
+                settings = settings.with_values("the prompt", client_secret=secret)
+            else:
+                settings = settings.with_values("the prompt", client_auth="none")
     return settings

@@ -10,9 +10,9 @@ layers, highest first::
 and validates the result with pydantic. The config file is ``--config FILE``, else ``DPOP_CONFIG``;
 with ``default_config=True`` (what the CLI passes) and neither given, the first that exists of
 ``$XDG_CONFIG_HOME/dpop/config.toml`` (``~/.config/dpop/config.toml``) and
-``/etc/dpop/config.toml`` (`default_config_file`). Every value remembers where it came from, so an error
-says ``token_url from DPOP_TOKEN_URL: ...`` instead of leaving the user to guess which layer
-holds the bad value.
+``/etc/dpop/config.toml`` (`default_config_file`). Every value remembers where it came from,
+so an error says ``token_url from DPOP_TOKEN_URL: ...`` instead of leaving the user to guess
+which layer holds the bad value.
 
 The config file is TOML with top-level keys named after the long options (``token-url`` and
 ``token_url`` are the same key); an unknown key is an error that names it::

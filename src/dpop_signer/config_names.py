@@ -11,9 +11,9 @@ __all__ = [
     "CLIENT_AUTH_METHODS",
     "ENV_PREFIX",
     "SECRET_FIELDS",
-    "ways_to_set",
     "env_name",
     "option_name",
+    "ways_to_set",
 ]
 
 ENV_PREFIX = "DPOP_"
@@ -36,7 +36,7 @@ _OPTION_ALIASES = {"ca_bundle": "--cacert"}
 
 
 def option_name(field: str) -> str:
-    """The long option for ``field``: ``token_url`` -> ``--token-url``; ``ca_bundle`` -> ``--cacert``."""
+    """The long option for ``field``: ``token_url`` -> ``--token-url`` (curl's names aside)."""
     return _OPTION_ALIASES.get(field, "--" + field.replace("_", "-"))
 
 

@@ -20,6 +20,7 @@ caller, ``htm``, ``htu``, ``jti``) and nothing secret.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -50,7 +51,7 @@ from dpop_signer.service.logs import log_event
 from dpop_signer.service.metrics import CONTENT_TYPE, Metrics
 from dpop_signer.service.reload import KeyBundle
 from dpop_signer.service.security import ApiKeys
-from dpop_signer.service.signer import SignerState
+from dpop_signer.service.signer import PROBE_INTERVAL, SignerState, keep_probing
 from dpop_signer.urls import check_http_url
 
 if TYPE_CHECKING:
@@ -215,6 +216,8 @@ class ServiceState:
         make_client: builds ``http``; tests may swap transports through it.
         loopback_only: refuse requests whose ``Host`` is not a loopback name (TCP without
             ``--allow-remote``: DNS rebinding).
+        probe_interval: sign a health probe after this many seconds without a signature
+            (0: never), so ``/healthz`` notices a lost key with no traffic.
     """
 
     key: KeyBundle
@@ -225,6 +228,7 @@ class ServiceState:
     http: httpx.AsyncClient | None = None
     make_client: Callable[[], httpx.AsyncClient] | None = None
     loopback_only: bool = False
+    probe_interval: float = PROBE_INTERVAL
 
 
 class _Handlers:
@@ -436,9 +440,16 @@ def create_signer_app(state: ServiceState) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if state.key.auth is not None and state.http is None and state.make_client is not None:
             state.http = state.make_client()
+        probes = None
+        if state.probe_interval > 0:
+            probes = asyncio.create_task(
+                keep_probing(lambda: state.key.signer, state.probe_interval)
+            )
         try:
             yield
         finally:
+            if probes is not None:
+                probes.cancel()
             if state.http is not None:
                 await state.http.aclose()
             state.key.close()

@@ -66,6 +66,15 @@ _unauthenticated_option = click.option(
     default=False,
     help="Serve loopback TCP without an API key: every local process may then use the key.",
 )
+_probe_interval_option = click.option(
+    "--probe-interval",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Sign a health probe when the key has not signed for SECONDS, so /healthz notices a "
+    "lost key without traffic; 0 turns probes off.",
+)
 _read_timeout_option = click.option(
     "--read-timeout",
     metavar="SECONDS",
@@ -185,6 +194,7 @@ def _token_counter(settings: Settings, metrics: Metrics) -> Callable[[Any], Any]
 )
 @_remote_option
 @_unauthenticated_option
+@_probe_interval_option
 @_read_timeout_option
 @_max_connections_option
 @_log_level_option
@@ -195,6 +205,7 @@ def serve(
     ctx: click.Context,
     /,
     allow_unauthenticated: bool,
+    probe_interval: float,
     read_timeout: float,
     max_connections: int | None,
     log_level: str,
@@ -239,6 +250,7 @@ def serve(
                 timeout=settings.timeout, event_hooks={"response": [hook]}
             ),
             loopback_only=not listen.is_unix and not settings.allow_remote,
+            probe_interval=probe_interval,
         )
         sock = bind_listener(listen)
     except BaseException:

@@ -22,6 +22,11 @@ it is back, without a restart. `ServiceSigner` wraps the real signer (`Pkcs11Sig
   `KeyChangedError`, and refuses a reopened key whose public JWK differs from the one the
   service started with: the tokens it holds are bound to that key's thumbprint (RFC 9449 §6).
 
+A service that is not asked for proofs would never notice that its key went away, so
+`keep_probing` signs a probe message when no signature has succeeded for a while (``interval``,
+5 s by default): ``/healthz`` then tells the truth within about one interval plus the signing
+deadline, at the cost of at most one signature per interval while idle.
+
 It implements the `Signer` and `AsyncSigner` protocols, so `DPoPProofBuilder` and `DPoPAuth`
 are built once on top of it and keep their caches across an outage.
 """
@@ -47,7 +52,11 @@ from dpop_signer.service.logs import log_event
 from dpop_signer.service.metrics import Metrics
 from dpop_signer.signers.base import Signer, close_signer, sign_async
 
-__all__ = ["ServiceSigner", "SignerState", "failure_reason"]
+__all__ = ["PROBE_INTERVAL", "ServiceSigner", "SignerState", "failure_reason", "keep_probing"]
+
+PROBE_INTERVAL = 5.0
+"""Seconds without a successful signature after which `keep_probing` signs a probe."""
+_PROBE_MESSAGE = b"dpop-signer health probe"
 
 SignerState = Literal[
     "available", "stalled", "key_missing", "unavailable", "pin_refused", "key_changed"
@@ -106,6 +115,8 @@ class ServiceSigner:
         self._fatal: SignerError | None = None
         self._reopen_lock = asyncio.Lock()
         self._sync_lock = threading.Lock()
+        self.last_success = time.monotonic()
+        """`time.monotonic` of the last signature that succeeded (start-up counts as one)."""
 
     @property
     def algorithm(self) -> str:
@@ -156,6 +167,7 @@ class ServiceSigner:
             self._failed(inner, exc)
             raise
         self._metrics.observe_signature(time.perf_counter() - started)
+        self.last_success = time.monotonic()
         return signature
 
     async def sign_async(self, message: bytes) -> bytes:
@@ -175,7 +187,16 @@ class ServiceSigner:
             self._failed(inner, exc)
             raise
         self._metrics.observe_signature(time.perf_counter() - started)
+        self.last_success = time.monotonic()
         return signature
+
+    async def probe(self) -> bool:
+        """Sign a probe message (not a proof) so the state is current; True if it signed."""
+        try:
+            await self.sign_async(_PROBE_MESSAGE)
+        except SignerError:
+            return False  # the failure is recorded in the state and the metrics
+        return True
 
     def _reopen_blocking(self) -> Signer:
         if self._fatal is not None:
@@ -252,3 +273,18 @@ def _close(signer: Signer) -> None:
     # A broken signer may fail to close too; the service goes on with a fresh one.
     with contextlib.suppress(Exception):
         close_signer(signer)
+
+
+async def keep_probing(
+    current: Callable[[], ServiceSigner], interval: float = PROBE_INTERVAL
+) -> None:
+    """Probe the current signer whenever it has not signed for ``interval`` seconds.
+
+    Runs until cancelled (the service's lifespan starts and cancels it); ``current`` returns
+    the signer in use now, which a reload may have swapped.
+    """
+    while True:
+        await asyncio.sleep(interval / 4)
+        signer = current()
+        if time.monotonic() - signer.last_success >= interval:
+            await signer.probe()

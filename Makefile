@@ -5,7 +5,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# One stamp per install step, so that each target installs only what it needs: the demo and
+# the development token need the package alone, lint/test/bench the dev and bench extras too.
+VENV_STAMP := $(VENV)/.created
+PKG_STAMP := $(VENV)/.installed-package
 STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install -q --disable-pip-version-check
 INTEROP := tests/interop
 NODE_STAMP := $(INTEROP)/node_modules/.installed
 SOFTHSM_DIR := .softhsm
@@ -13,18 +18,30 @@ BENCH_ARGS ?=
 export SOFTHSM2_CONF ?= $(CURDIR)/$(SOFTHSM_DIR)/softhsm2.conf
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps node-deps softhsm demo test lint fmt bench clean
+.PHONY: help install install-package system-deps node-deps softhsm demo test lint fmt bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(VENV_STAMP):
+	@echo "==> creating the virtualenv $(VENV) and updating pip"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -U pip
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	@$(PIP) -U pip
+	@touch $(VENV_STAMP)
+
+$(PKG_STAMP): pyproject.toml $(VENV_STAMP)
+	@echo "==> installing dpop-signer and its runtime dependencies into $(VENV) (about 70 MB)"
+	$(PIP) -e .
+	@touch $(PKG_STAMP)
+
+$(STAMP): pyproject.toml $(PKG_STAMP)
+	@echo "==> installing the dev and bench extras (test, lint and benchmark tools, about 160 MB more)"
+	$(PIP) -e '.[dev,bench]'
 	@touch $(STAMP)
 
-install: $(STAMP)  ## virtualenv in .venv with the package and its dev extras
+install: $(STAMP)  ## virtualenv in .venv with the package and its dev and bench extras
+
+install-package: $(PKG_STAMP)  ## virtualenv in .venv with the package alone (what `make demo` needs)
 
 system-deps:  ## SoftHSM2 and p11-kit-modules from Debian's packages when missing (or what to install)
 	@softhsm/ensure-softhsm2.sh
@@ -36,15 +53,17 @@ $(NODE_STAMP): $(INTEROP)/package.json $(INTEROP)/package-lock.json
 
 node-deps: $(NODE_STAMP)  ## oidc-provider and jose for the interop tests
 
-softhsm: install system-deps  ## repo-local development token .softhsm/ with a P-256 key (idempotent)
+softhsm: install-package system-deps  ## repo-local development token .softhsm/ with a P-256 key (idempotent)
 	@BIN=$(BIN) softhsm/dev-token.sh
 
-demo: install  ## the whole DPoP flow on the development token against local servers
+demo: install-package  ## the whole DPoP flow on the development token against local servers
+	@echo "==> setting up the SoftHSM2 development token (.softhsm/)"
 	@if $(MAKE) --no-print-directory system-deps softhsm; then \
 		set -a; . $(SOFTHSM_DIR)/dev.env; set +a; \
 	else \
 		echo "SoftHSM2 is not available here: the demo uses a temporary PEM key instead" >&2; \
 	fi; \
+	echo "==> running dpop demo"; \
 	$(BIN)/dpop demo
 
 lint: install  ## ruff and mypy --strict

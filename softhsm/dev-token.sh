@@ -6,7 +6,8 @@
 #   .softhsm/dev.env         SOFTHSM2_CONF, DPOP_KEY (pkcs11: URI), DPOP_PIN, for `make demo`/`bench`
 # The PINs are well known and live in a plain file: this token is for development only. Never
 # put a key that matters in it; production keys live in an HSM with PINs from a secret store.
-# A second run only says the token is there; `rm -rf .softhsm` starts again.
+# A second run only says the token is there (after checking that it really is: dev.env left
+# behind without .softhsm/tokens is set up again); `rm -rf .softhsm` starts again.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -20,9 +21,19 @@ KEY_LABEL=dpop-es256
 USER_PIN=1234        # development only
 SO_PIN=12345678      # development only
 
+token_present() {
+  [ -d "$DIR/tokens" ] && [ -f "$CONF" ] && command -v softhsm2-util >/dev/null &&
+    SOFTHSM2_CONF=$CONF softhsm2-util --show-slots 2>/dev/null |
+      grep -Eq "^[[:space:]]*Label:[[:space:]]+$TOKEN_LABEL[[:space:]]*$"
+}
+
 if [ -f "$ENV_FILE" ]; then
-  echo "SoftHSM2 development token '$TOKEN_LABEL' with key '$KEY_LABEL' is already set up in .softhsm/ (load it with: set -a; . .softhsm/dev.env; set +a)"
-  exit 0
+  if token_present; then
+    echo "SoftHSM2 development token '$TOKEN_LABEL' with key '$KEY_LABEL' is already set up in .softhsm/ (load it with: set -a; . .softhsm/dev.env; set +a)"
+    exit 0
+  fi
+  echo "found .softhsm/dev.env but not the token '$TOKEN_LABEL' it names (.softhsm/tokens or softhsm2.conf was removed): setting it up again"
+  rm -f "$ENV_FILE"
 fi
 
 command -v softhsm2-util >/dev/null || { echo "softhsm2-util is missing: run 'make system-deps' or apt-get install softhsm2" >&2; exit 1; }
@@ -57,7 +68,8 @@ try:
 except KeyNotFoundError:
     signer = generate_key(uri, pin=pin)
     made = "generated"
-print(f"{made} P-256 key {signer.uri} (jkt {jwk_thumbprint(signer.public_jwk)})")
+# The URI dev.env will hold: one key, shown with one URI everywhere.
+print(f"{made} P-256 key {uri} (jkt {jwk_thumbprint(signer.public_jwk)})")
 signer.close()
 PY
 

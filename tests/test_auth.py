@@ -425,9 +425,13 @@ def test_transport_error_at_the_token_endpoint_inside_an_async_client(pem_signer
 
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.MockTransport(_refuse), auth=auth) as http:
-            for _ in range(2):  # twice: the fetch lock was released after the first failure
-                with pytest.raises(httpx.ConnectError):
-                    await asyncio.wait_for(http.get(f"{API_URL}/x"), timeout=10)
+            with pytest.raises(httpx.ConnectError):
+                await asyncio.wait_for(http.get(f"{API_URL}/x"), timeout=10)
+            # The failure was recorded: the next request is told to wait (the fetch lock was
+            # released, and the endpoint is not asked again before the back-off ends).
+            with pytest.raises(ServerUnreachableError) as info:
+                await asyncio.wait_for(http.get(f"{API_URL}/x"), timeout=10)
+            assert info.value.retry_after is not None
 
     asyncio.run(main())
 

@@ -185,8 +185,10 @@ def test_authorization_server_down(closed_port: int, pem_signer: Signer) -> None
         async with httpx.AsyncClient(auth=auth, timeout=5) as client:
             with pytest.raises(ServerUnreachableError):
                 await auth.aget_token(client)
-            with pytest.raises(httpx.ConnectError):  # documented: async flows keep httpx's error
+            # The same auth is backing off now: the request is refused before it is sent.
+            with pytest.raises(ServerUnreachableError) as info:
                 await client.get(f"http://127.0.0.1:{closed_port}/api/x")
+            assert info.value.retry_after is not None
 
     asyncio.run(main())
 

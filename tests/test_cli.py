@@ -116,12 +116,16 @@ def test_encrypted_pem_key_with_pin_file_env_and_option(tmp_path):
     assert "pem-passphrase-1" not in via_option.err
 
     wrong = dpop("thumbprint", "--key", str(key), env={"DPOP_PIN": "not-the-passphrase"})
-    line = assert_one_line_error(wrong, code=1, says="wrong passphrase")
+    line = assert_one_line_error(wrong, code=3, says="wrong passphrase")
     assert_absent(wrong.both, ["not-the-passphrase", "pem-passphrase-1"])
     assert str(key) in line
 
     missing = dpop("thumbprint", "--key", str(key))
-    assert_one_line_error(missing, code=1, says="encrypted")
+    line = assert_one_line_error(missing, code=3, says="encrypted")
+    # In the command's words: the options and variables that exist, never Python's pin=.
+    for hint in ("--pin-file", "DPOP_PIN_FILE", "DPOP_PIN", "--config"):
+        assert hint in line
+    assert "pin=" not in line
 
 
 # --- proof ---------------------------------------------------------------------------------
@@ -182,10 +186,11 @@ def test_each_proof_is_fresh(pem_key_path):
         (["proof", "--key", "{pem}"], 2, "missing argument 'method'"),
         (["proof", "--key", "{pem}", "GET"], 2, "missing argument 'url'"),
         (["proof", "GET", "https://a.example/"], 2, "DPOP_KEY"),
-        (["proof", "--key", "{pem}", "GET", "ftp://a.example/x"], 1, ""),
-        (["jwk", "--key", "{tmp}/missing.pem"], 1, "does not exist"),
-        (["jwk", "--key", "{tmp}"], 1, "cannot be read"),
-        (["jwk", "--key", "{tmp}/garbage.pem"], 1, "not PEM"),
+        (["proof", "--key", "{pem}", "GET", "ftp://a.example/x"], 2, ""),
+        (["proof", "--key", "{pem}", "GET", "/relative"], 2, "absolute"),
+        (["jwk", "--key", "{tmp}/missing.pem"], 3, "does not exist"),
+        (["jwk", "--key", "{tmp}"], 3, "cannot be read"),
+        (["jwk", "--key", "{tmp}/garbage.pem"], 3, "not PEM"),
         (["jwk", "--config", "{tmp}/missing.toml"], 2, "does not exist"),
         (["jwk", "--config", "{tmp}/bad.toml"], 2, "unknown key 'colour'"),
         (["jwk", "--nope"], 2, "no such option"),
@@ -237,20 +242,23 @@ def test_pkcs11_keygen_jwk_thumbprint_proof(softhsm, cli_token_key, tmp_path):
 def test_pkcs11_wrong_and_missing_pin(softhsm, cli_token_key):
     uri, _ = cli_token_key
     wrong = dpop("thumbprint", "--key", uri, env={"DPOP_PIN": "99999999"})
-    assert_one_line_error(wrong, code=1, says="pin")
+    assert_one_line_error(wrong, code=3, says="pin")
     assert_absent(wrong.both, ["99999999"])
     # The token is not locked by that single try: the right PIN still works.
     assert_ok(dpop("thumbprint", "--key", uri, env={"DPOP_PIN": softhsm.pin}))
-    assert_one_line_error(dpop("thumbprint", "--key", uri), code=1, says="pin")
+    line = assert_one_line_error(dpop("thumbprint", "--key", uri), code=3, says="pin")
+    assert "pass pin=" not in line
+    assert "--pin-file" in line
+    assert "DPOP_PIN_FILE" in line
 
 
 @pytest.mark.softhsm
 def test_pkcs11_missing_key_and_token(softhsm):
     env = {"DPOP_PIN": softhsm.pin}
     no_key = dpop("jwk", "--key", f"pkcs11:token={softhsm.label};object=absent", env=env)
-    assert_one_line_error(no_key, code=1, says="absent")
+    assert_one_line_error(no_key, code=3, says="absent")
     no_token = dpop("jwk", "--key", "pkcs11:token=no-such-token;object=x", env=env)
-    assert_one_line_error(no_token, code=1, says="no-such-token")
+    assert_one_line_error(no_token, code=3, says="no-such-token")
 
 
 def test_no_heavy_imports_for_help():

@@ -120,13 +120,17 @@ def test_option_and_variable_reach_the_token_request(
 def test_accept_bearer_by_option_and_variable(local_servers_factory, pem_key_path):
     servers = local_servers_factory(as_mode="bearer")
     env = env_for(servers, pem_key_path)
-    assert_one_line_error(dpop("token", env=env), code=1, says="bearer")
+    line = assert_one_line_error(dpop("token", env=env), code=4, says="bearer")
+    # The hint names the option and the variable, not the Python argument.
+    assert "--accept-bearer" in line
+    assert "DPOP_ACCEPT_BEARER" in line
+    assert "accept_bearer=True" not in line
     for args, extra in ((["--accept-bearer"], {}), ([], {"DPOP_ACCEPT_BEARER": "true"})):
         result = assert_ok(dpop("token", *args, env={**env, **extra}))
         assert json.loads(result.out)["token_type"] == "Bearer"
     # An option beats the variable in both directions.
     refused = dpop("token", "--refuse-bearer", env={**env, "DPOP_ACCEPT_BEARER": "true"})
-    assert_one_line_error(refused, code=1, says="bearer")
+    assert_one_line_error(refused, code=4, says="bearer")
 
 
 def test_token_with_private_key_jwt(local_servers_factory, pem_key_path):
@@ -162,7 +166,7 @@ def test_config_file_and_precedence(local_servers, pem_key_path, tmp_path):
         f'client-secret = "wrong-secret"\n'
     )
     # The file alone: wrong secret and a dead URL, so it fails, naming the dead URL.
-    assert_one_line_error(dpop("token", "--config", str(cfg)), code=1, says="127.0.0.1")
+    assert_one_line_error(dpop("token", "--config", str(cfg)), code=5, says="127.0.0.1")
     # The environment beats the file ...
     env = {"DPOP_TOKEN_URL": local_servers.token_url, "DPOP_CLIENT_SECRET": DEMO_CLIENT_SECRET}
     assert_ok(dpop("token", "--config", str(cfg), env=env))
@@ -257,7 +261,8 @@ def test_request_verbose_log_is_masked(local_servers_factory, tmp_path):
 def test_request_http_error_exits_non_zero(local_servers_factory, pem_key_path):
     servers = local_servers_factory(rs_mode="invalid_token_always")
     result = dpop("request", servers.api_url + "/x", env=env_for(servers, pem_key_path))
-    assert_one_line_error(result, code=1, says="401")
+    # The API refuses even a fresh token: an OAuth refusal (4), not a plain HTTP status (1).
+    assert_one_line_error(result, code=4, says="401")
     assert_absent(result.both, secrets_seen(servers))
 
 
@@ -301,14 +306,14 @@ def test_unreachable_token_endpoint(pem_key_path):
     env = {"DPOP_KEY": pem_key_path, "DPOP_TOKEN_URL": url, "DPOP_CLIENT_ID": "c"}
     for command in (["token"], ["request", "http://127.0.0.1:9/api"]):
         result = dpop(*command, env={**env, "DPOP_CLIENT_SECRET": "some-secret-1"})
-        assert_one_line_error(result, code=1, says="127.0.0.1")
+        assert_one_line_error(result, code=5, says="127.0.0.1")
         assert_absent(result.both, ["some-secret-1"])
 
 
 def test_unreachable_api(local_servers, pem_key_path):
     url = f"http://127.0.0.1:{closed_port()}/api"
     result = dpop("request", url, env=env_for(local_servers, pem_key_path))
-    assert_one_line_error(result, code=1, says="connect")
+    assert_one_line_error(result, code=5, says="connect")
     assert_absent(result.both, secrets_seen(local_servers))
 
 
@@ -316,22 +321,24 @@ def test_rejected_client_secret(local_servers, pem_key_path):
     env = env_for(local_servers, pem_key_path, DPOP_CLIENT_SECRET="not-the-secret-9")
     for command in (["token"], ["request", local_servers.api_url]):
         result = dpop(*command, env=env)
-        assert_one_line_error(result, code=1, says="invalid_client")
+        assert_one_line_error(result, code=4, says="invalid_client")
         assert_absent(result.both, ["not-the-secret-9", *secrets_seen(local_servers)])
         # With -v the log of the refused exchange precedes the error, masked as well.
         verbose = dpop(command[0], "-v", *command[1:], env=env)
-        assert verbose.code == 1
+        assert verbose.code == 4
         assert "< HTTP/1.1 401" in verbose.err
         assert verbose.err.rstrip().splitlines()[-1].startswith("error: ")
         assert "Traceback" not in verbose.both
         assert_absent(verbose.both, ["not-the-secret-9", *secrets_seen(local_servers)])
 
 
-@pytest.mark.parametrize(("mode", "says"), [("bearer", "bearer"), ("error_500", "500")])
-def test_misbehaving_authorization_server(local_servers_factory, pem_key_path, mode, says):
+@pytest.mark.parametrize(
+    ("mode", "code", "says"), [("bearer", 4, "bearer"), ("error_500", 5, "500")]
+)
+def test_misbehaving_authorization_server(local_servers_factory, pem_key_path, mode, code, says):
     servers = local_servers_factory(as_mode=mode)
     result = dpop("token", env=env_for(servers, pem_key_path))
-    assert_one_line_error(result, code=1, says=says)
+    assert_one_line_error(result, code=code, says=says)
     assert_absent(result.both, secrets_seen(servers))
 
 
@@ -454,4 +461,4 @@ def test_demo_with_the_softhsm_key(softhsm, pkcs11_key_uri):
 
 def test_demo_with_a_bad_key_is_one_line(tmp_path):
     result = dpop("demo", "--key", str(tmp_path / "none.pem"))
-    assert_one_line_error(result, code=1, says="does not exist")
+    assert_one_line_error(result, code=3, says="does not exist")

@@ -197,3 +197,26 @@ def test_health_probes_notice_a_deleted_key_without_traffic(
         assert took < 0.4 + 1.0, took
         assert "does not exist" in body["reason"]
         assert 'dpop_signer_state{state="key_missing"} 1' in client.get("/metrics").text
+
+
+def test_sigterm_while_the_hsm_is_stalled_exits_promptly(
+    token: FreshToken, tmp_path: Path, stopping: list[ServiceProcess]
+) -> None:
+    server = P11KitServer(token, tmp_path)
+    try:
+        service = _serve(
+            token, tmp_path, module=client_module(), env={**server.env, "DPOP_SIGN_TIMEOUT": "1"}
+        )
+        stopping.append(service)
+        with service.client() as client:
+            jwk = client.get("/v1/jwk").json()["jwk"]
+            with server.stalled():
+                assert _proof(client, jwk).status_code == 503  # a call is now stuck inside
+                started = time.monotonic()
+                status = service.stop()
+                took = time.monotonic() - started
+        assert status == 0, service.logs()[-2000:]
+        assert took < 5.0, took  # the stuck call is abandoned, not waited for
+        assert "closed without logging out" in service.logs()
+    finally:
+        server.stop()

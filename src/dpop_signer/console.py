@@ -186,7 +186,7 @@ class SessionLog:
             if self._is_token_request(response.request) and response.status_code == 200:
                 self._note_binding(body)
         if response.status_code in (400, 401) and "dpop-nonce" in response.headers:
-            self.note("the server sent a DPoP nonce; a demand for it is answered once")
+            self.note("the server demands a DPoP nonce: retrying once with the server's nonce")
 
     def _describe_body(self, body: bytes, content_type: str | None) -> str:
         if content_type and "json" in content_type.lower():

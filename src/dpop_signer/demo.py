@@ -5,7 +5,8 @@ free 127.0.0.1 ports, with nonces demanded on both sides so that the log shows t
 RFC 9449: a token request that the server answers with ``use_dpop_nonce`` (§8), the retry with
 the nonce, the DPoP-bound token (§5), then the API call with ``ath`` (§7) and its own nonce
 demand (§9). The key is the one in ``DPOP_KEY`` (``make demo`` points it at the development
-SoftHSM2 token) or, when none is set, a temporary PEM key, and the demo says which.
+SoftHSM2 token) or, when none is set, a temporary PEM key, and the demo says which. Its last
+line says what was proven: the API accepted a token bound to this key's thumbprint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dpop_signer.config import ENV_PREFIX, build_auth, build_signer, load_settin
 from dpop_signer.console import SessionLog, mask, mask_uri
 from dpop_signer.errors import OAuthError
 from dpop_signer.signers.base import close_signer
+from dpop_signer.tokens import USER_AGENT
 
 __all__ = ["run_demo"]
 
@@ -59,10 +61,11 @@ def run_demo(*, key: str | None, require_nonce: bool, out: IO[str]) -> None:
             )
         assert settings.key is not None
         signer = build_signer(settings)
+        jkt = jwk_thumbprint(signer.public_jwk)
         try:
             kind = "PKCS#11 token" if settings.key.startswith("pkcs11:") else "PEM file"
             _say(out, f"key: {mask_uri(settings.key)} ({kind})")
-            _say(out, f"key thumbprint (jkt): {jwk_thumbprint(signer.public_jwk)}")
+            _say(out, f"key thumbprint (jkt): {jkt}")
             with start_local_servers(require_nonce=require_nonce) as servers:
                 _say(out, f"authorization server: {servers.as_url} (token endpoint /token)")
                 _say(out, f"resource server:      {servers.rs_url}")
@@ -80,7 +83,12 @@ def run_demo(*, key: str | None, require_nonce: bool, out: IO[str]) -> None:
                 auth = build_auth(settings, signer)
                 log = SessionLog(out, token_url=servers.token_url)
                 print(file=out)
-                with httpx.Client(auth=auth, event_hooks=log.hooks(), timeout=10.0) as client:
+                with httpx.Client(
+                    auth=auth,
+                    event_hooks=log.hooks(),
+                    timeout=10.0,
+                    headers={"User-Agent": USER_AGENT},
+                ) as client:
                     response = client.get(servers.rs_url + _DEMO_PATH)
                     body = response.read()
         finally:
@@ -98,6 +106,12 @@ def run_demo(*, key: str | None, require_nonce: bool, out: IO[str]) -> None:
             f"the demo API answered {response.status_code}, not 200; this is a bug in "
             "dpop-signer or its local servers, please report it with the log above"
         )
+    print(file=out)
+    _say(
+        out,
+        f"proven: the API accepted a DPoP-bound token for jkt {jkt}, with a fresh proof "
+        "signed by the key for each request",
+    )
 
 
 def _say(out: IO[str], text: str) -> None:

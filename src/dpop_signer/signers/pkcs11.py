@@ -37,6 +37,7 @@ from dpop_signer.errors import (
     KeyChangedError,
     KeyNotFoundError,
     SignerError,
+    SignerTimeoutError,
     SignerUnavailableError,
     SigningFailedError,
     UnsupportedKeyError,
@@ -278,7 +279,12 @@ class Pkcs11Signer:
             return  # the parent owns the session; the child must not touch it
         # A close during interpreter shutdown may fail with RuntimeError; the process ends anyway.
         with suppress(RuntimeError):
-            self._module.call(self._anchor.release)
+            try:
+                self._module.call_within(self._timeout, self._source, self._anchor.release)
+            except SignerTimeoutError as exc:
+                # A stuck module must not hold up a shutdown or a reload: the session stays
+                # open, and the module drops it when the process ends.
+                logger.warning("%s; closed without logging out", exc.message)
 
     def __enter__(self) -> Pkcs11Signer:
         return self

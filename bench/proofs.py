@@ -566,6 +566,31 @@ def hsm_rows(rounds: int, seconds: float, tasks: int) -> list[Row]:
                 rotations.append([mine, theirs])
                 pairs.append((mine, theirs, 0.85))
 
+                # sessions=2: two signatures inside the module at once, against one session,
+                # both through the proxy with 4 calling threads.
+                pooled = open_pkcs11_signer(
+                    f"{hsm.uri.split('?', 1)[0]}?module-path={proxy}&sessions=2",
+                    pin=bench.pin or None,
+                )
+                closers.append(pooled.close)
+                pooled_builder = DPoPProofBuilder(pooled)
+
+                def ours_pooled() -> str:
+                    return pooled_builder.build("GET", URL, access_token=TOKEN)
+
+                two, one = Callers(ours_pooled, 4), Callers(ours_proxy, 4)
+                closers += [two.close, one.close]
+                mine = Driven(
+                    Variant("Pkcs11Signer via p11-kit-proxy, sessions=2, 4 threads", ours_pooled),
+                    two,
+                )
+                theirs = Driven(
+                    Variant("Pkcs11Signer via p11-kit-proxy, 1 session, 4 threads", ours_proxy),
+                    one,
+                )
+                rotations.append([mine, theirs])
+                pairs.append((mine, theirs, 1.2))
+
         count = sum(len(r) for r in rotations)
         _log(f"SoftHSM2 ({bench.source}): {count} variants, up to {rounds} rounds x {seconds:g} s")
         rotate(rotations, rounds, seconds, budget=HSM_BUDGET)

@@ -8,6 +8,7 @@ never rely on our own key generation to produce the cases it must refuse.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -799,3 +800,53 @@ def test_through_p11_kit_proxy_login_falls_back_to_python_pkcs11(
             "jwk",
             direct.public_jwk["x"],
         ]
+
+
+def test_several_sessions_sign_at_once_through_p11_kit_proxy(
+    softhsm: SoftHsmToken, pkcs11_key_uri: str
+) -> None:
+    # sessions=2: two signatures in the module at the same time (p11-kit-proxy initializes
+    # SoftHSM2 with locking). 4 threads x 2,500 signatures, every one verified independently.
+    require(
+        P11KIT_PROXY is not None, "p11-kit-proxy.so is missing (Debian: apt-get install p11-kit)"
+    )
+    label = parse_pkcs11_uri(pkcs11_key_uri).object
+    uri = f"pkcs11:token={softhsm.label};object={label}?module-path={P11KIT_PROXY}&sessions=2"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json, threading
+        from dpop_signer.signers.pkcs11 import open_pkcs11_signer
+        signer = open_pkcs11_signer({uri!r}, pin="1234")
+        pairs, lock = [], threading.Lock()
+        def work(n):
+            mine = [(b"t%d-%d" % (n, i), signer.sign(b"t%d-%d" % (n, i))) for i in range(2500)]
+            with lock:
+                pairs.extend(mine)
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads: t.start()
+        for t in threads: t.join(120)
+        async def tasks():
+            return await asyncio.gather(*(signer.sign_async(b"a%d" % i) for i in range(200)))
+        pairs += [(b"a%d" % i, s) for i, s in enumerate(asyncio.run(tasks()))]
+        print(json.dumps({{"sessions": signer.sessions, "jwk": signer.public_jwk,
+                          "pairs": [(m.hex(), s.hex()) for m, s in pairs]}}))
+        signer.close()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["sessions"] == 2
+    pairs = [(bytes.fromhex(m), bytes.fromhex(s)) for m, s in result["pairs"]]
+    assert len(pairs) == 4 * 2500 + 200
+    verify_all(result["jwk"], pairs)
+
+
+def test_several_sessions_are_refused_for_a_module_without_locking(pkcs11_key_uri: str) -> None:
+    with pytest.raises(ConfigError, match=r"sessions=2 needs a module that is safe") as info:
+        open_pkcs11_signer(pkcs11_key_uri + "&sessions=2")
+    assert "p11-kit-proxy.so" in str(info.value)
+    with pytest.raises(ConfigError, match="sessions=0 is not a whole number"):
+        open_pkcs11_signer(pkcs11_key_uri + "&sessions=0")

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 
 from pkcs11 import Attribute, Mechanism
@@ -57,6 +58,7 @@ from dpop_signer.signers.pkcs11_keys import (
 )
 from dpop_signer.signers.pkcs11_library import Pkcs11Module, pkcs11_module
 from dpop_signer.signers.pkcs11_login import LoginSession, acquire_login
+from dpop_signer.signers.pkcs11_pool import SessionPool, check_concurrent_module
 from dpop_signer.signers.pkcs11_uri import (
     Pkcs11Uri,
     parse_pkcs11_uri,
@@ -142,6 +144,8 @@ class Pkcs11Signer:
         self._missing: SignerError | None = None  # the key's last lookup failed with this
         self._missing_until = 0.0
         self._missing_wait = _MISSING_FIRST
+        self._pool: SessionPool | None = None  # sessions=N > 1: sessions that sign at once
+        self._pool_threads: ThreadPoolExecutor | None = None
 
     @classmethod
     def open(
@@ -152,10 +156,20 @@ class Pkcs11Signer:
         parsed = parse_pkcs11_uri(uri)
         _require_key_name(parsed)
         secret = resolve_pin(parsed, pin)
-        module = pkcs11_module(resolve_module(parsed))
+        sessions = parsed.sessions or 1
+        path = resolve_module(parsed)
+        check_concurrent_module(path, sessions)
+        module = pkcs11_module(path)
         where = f"PKCS#11 module {module.display}"
         signer = module.call_within(timeout, where, _open_locked, module, parsed, secret)
         signer._timeout = timeout
+        if sessions > 1:
+            signer._pool = SessionPool(sessions)
+            try:
+                module.call_within(timeout, where, signer._rebuild_pool)
+            except BaseException:
+                signer.close()
+                raise
         return signer
 
     @property
@@ -191,9 +205,18 @@ class Pkcs11Signer:
         return self._timeout
 
     @property
+    def sessions(self) -> int:
+        """How many sessions sign at once (the URI's ``sessions=``, 1 by default)."""
+        return self._pool.size if self._pool is not None else 1
+
+    @property
     def stalled(self) -> bool:
         """Whether a call has been inside the module for longer than the signing deadline."""
-        return self._timeout is not None and bool(self._module.stalled_for(self._timeout))
+        timeout = self._timeout
+        if timeout is None:
+            return False
+        pool = self._pool
+        return bool(self._module.stalled_for(timeout) or (pool and pool.stalled_for(timeout)))
 
     def sign(self, message: bytes) -> bytes:
         """ES256-sign ``message``: SHA-256 here, CKM_ECDSA in the token; 64 bytes r||s.
@@ -210,6 +233,8 @@ class Pkcs11Signer:
         if self._closed or self._module.pid != pkcs11_library.pid:
             self._check_open()
         digest = hashlib.sha256(message).digest()
+        if self._pool is not None:
+            return self._sign_pooled(digest)
         module = self._module
         timeout = self._timeout
         # Pkcs11Module.call_within inlined: the hot path is one timed acquire and two stores.
@@ -237,6 +262,8 @@ class Pkcs11Signer:
         digest = hashlib.sha256(message).digest()
         module = self._module
         timeout = self._timeout
+        if self._pool is not None:
+            return await self._sign_pooled_async(digest)
         if timeout is None:
             return await module.worker.run(module.call, self._sign_digest, digest)
         stuck = module.stalled_for(timeout)
@@ -277,10 +304,12 @@ class Pkcs11Signer:
         self._closed = True
         if self._module.pid != os.getpid():
             return  # the parent owns the session; the child must not touch it
+        if self._pool_threads is not None:
+            self._pool_threads.shutdown(wait=False)
         # A close during interpreter shutdown may fail with RuntimeError; the process ends anyway.
         with suppress(RuntimeError):
             try:
-                self._module.call_within(self._timeout, self._source, self._anchor.release)
+                self._module.call_within(self._timeout, self._source, self._release)
             except SignerTimeoutError as exc:
                 # A stuck module must not hold up a shutdown or a reload: the session stays
                 # open, and the module drops it when the process ends.
@@ -302,7 +331,66 @@ class Pkcs11Signer:
         if self._module.pid != os.getpid():
             raise forked_error(self._module.display)
 
+    def _sign_pooled(self, digest: bytes) -> bytes:
+        """Sign on a free session of the pool, without the module lock (sessions=N)."""
+        pool = self._pool
+        assert pool is not None
+        timeout = self._timeout
+        if pool.broken or pool.generation != self._anchor.generation:
+            self._module.call_within(timeout, self._source, self._rebuild_pool)
+        slot = pool.take(timeout)
+        if slot is None:
+            raise self._module.timeout_error(self._source, timeout or 0, pool.stalled_for(0.0))
+        try:
+            if self._closed:
+                raise SignerUnavailableError(f"{self._source} was closed; open it again")
+            if len(digest) != _DIGEST_SIZE:
+                raise SigningFailedError(
+                    f"{self._source} was given a {len(digest)}-byte digest; ES256 signs a "
+                    "32-byte SHA-256 digest"
+                )
+            signature = slot.key.sign(digest, mechanism=_CKM_ECDSA)
+        except p11x.PKCS11Error as exc:
+            pool.broken = True
+            logger.warning("%s: %s on a pooled session; signing on the main one", self._source,
+                           ckr(exc))  # fmt: skip
+            # The serialized path recovers (reopens, finds and proves the key) and signs once.
+            return self._module.call_within(timeout, self._source, self._sign_digest, digest)
+        finally:
+            pool.give(slot)
+        return check_signature(signature, source=self._source)
+
+    async def _sign_pooled_async(self, digest: bytes) -> bytes:
+        # The module's one worker thread would serialize the pool: one thread per session.
+        if self._pool_threads is None:
+            self._pool_threads = ThreadPoolExecutor(self.sessions, thread_name_prefix="pkcs11")
+        future = asyncio.get_running_loop().run_in_executor(
+            self._pool_threads, self._sign_pooled, digest
+        )
+        try:
+            return await asyncio.wait_for(future, self._timeout)
+        except TimeoutError:
+            assert self._pool is not None
+            raise self._module.timeout_error(
+                self._source, self._timeout or 0, self._pool.stalled_for(0.0)
+            ) from None
+
     # Everything below runs holding the module lock.
+
+    def _rebuild_pool(self) -> None:
+        pool = self._pool
+        assert pool is not None
+        if self._closed:
+            raise SignerUnavailableError(f"{self._source} was closed; open it again")
+        if not pool.close(self._timeout):
+            raise self._module.timeout_error(self._source, self._timeout or 0, pool.stalled_for(0))
+        self._current_key()  # the login session alive, the key found again and proved
+        pool.build(self._anchor, self._selector, self._jwk, self._what)
+
+    def _release(self) -> None:
+        if self._pool is not None and not self._pool.close(self._timeout):
+            logger.warning("%s: a pooled session is stuck; left open", self._source)
+        self._anchor.release()
 
     def _current_key(self) -> SignMixin:
         """The key handle for the anchor's current session, found again (and proved) if stale."""

@@ -52,7 +52,9 @@ SOFTHSM2_MODULE_CANDIDATES = (
 """Where SoftHSM2's module is installed, in the order searched (globs allowed)."""
 
 _PATH_ATTRS = frozenset({"token", "serial", "manufacturer", "model", "object", "id", "type"})
-_QUERY_ATTRS = frozenset({"module-path", "pin-value", "pin-source"})
+_QUERY_ATTRS = frozenset({"module-path", "pin-value", "pin-source", "sessions"})
+MAX_SESSIONS = 64
+"""Most signing sessions a ``sessions=`` query attribute may ask for."""
 # Attributes RFC 7512 defines that we refuse on purpose, with the reason and the fix.
 _REFUSED = {
     "slot-id": "slot numbers change (SoftHSM2 renumbers slots); select the token with token= "
@@ -84,6 +86,7 @@ class Pkcs11Uri:
     module_path: str | None = None
     pin_value: str | None = field(default=None, repr=False)
     pin_source: str | None = None
+    sessions: int | None = None
 
     @property
     def key_description(self) -> str:
@@ -113,6 +116,8 @@ class Pkcs11Uri:
             query.append(f"pin-source={quote(self.pin_source, safe='/:')}")
         if self.pin_value is not None:
             query.append(f"pin-value={SECRET_MARK}")
+        if self.sessions is not None:
+            query.append(f"sessions={self.sessions}")
         text = "pkcs11:" + ";".join(path)
         return text + ("?" + "&".join(query) if query else "")
 
@@ -160,7 +165,8 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
 
     Path attributes: ``token``, ``serial``, ``manufacturer``, ``model`` (select the token),
     ``object`` (CKA_LABEL), ``id`` (CKA_ID, percent-encoded bytes), ``type`` (``private``).
-    Query attributes: ``module-path``, ``pin-value``, ``pin-source`` (``file:`` URI or path).
+    Query attributes: ``module-path``, ``pin-value``, ``pin-source`` (``file:`` URI or path),
+    and dpop-signer's own ``sessions`` (how many sessions sign at once; see `Pkcs11Signer`).
 
     Raises:
         ConfigError: not a ``pkcs11:`` URI, or an attribute is unknown, repeated, empty or
@@ -194,6 +200,11 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
         assert value is None or isinstance(value, str)
         return value
 
+    sessions = text("sessions")
+    if sessions is not None and not (sessions.isdigit() and 1 <= int(sessions) <= MAX_SESSIONS):
+        raise ConfigError(
+            f"PKCS#11 URI sessions={sessions} is not a whole number from 1 to {MAX_SESSIONS}"
+        )
     ident = values.get("id")
     assert ident is None or isinstance(ident, bytes)
     return Pkcs11Uri(
@@ -207,6 +218,7 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
         module_path=text("module-path"),
         pin_value=text("pin-value"),
         pin_source=text("pin-source"),
+        sessions=int(sessions) if sessions is not None else None,
     )
 
 

@@ -94,7 +94,7 @@ def test_rejected_client_secret_at_oidc_provider(
     provider = oidc_provider()
     env = env_for(provider, jose_rs, pem_key_path, DPOP_CLIENT_SECRET="definitely-wrong-1")
     result = dpop("token", env=env)
-    assert_one_line_error(result, code=1, says="invalid_client")
+    assert_one_line_error(result, code=4, says="invalid_client")
     assert_absent(result.both, ["definitely-wrong-1", provider.basic_client[1]])
     recheck(provider, None, oracle.thumbprint(jwk_of_pem(pem_key_path)))
 

@@ -100,12 +100,12 @@ def _ways(field: str, options: Options | None) -> str:
 # options of the command that failed, so that it only names what that command accepts.
 _CLI_WORDS: list[tuple[re.Pattern[str], Callable[[Options | None], str]]] = [
     (
-        re.compile(r"pass pin=(, use --pin or DPOP_PIN)?"),
-        lambda opts: _ways("pin", opts),
+        re.compile(r"pass pin= \(its passphrase\)"),
+        lambda opts: "to give its passphrase, " + _ways("pin", opts),
     ),
     (
-        re.compile(r"give its passphrase with --pin or DPOP_PIN"),
-        lambda opts: "to give its passphrase, " + _ways("pin", opts),
+        re.compile(r"pass pin=(, use --pin or DPOP_PIN)?"),
+        lambda opts: _ways("pin", opts),
     ),
     (
         re.compile(r"pass client_secret=|\(--client-secret or DPOP_CLIENT_SECRET\)"),
@@ -120,7 +120,7 @@ _CLI_WORDS: list[tuple[re.Pattern[str], Callable[[Options | None], str]]] = [
     ),
     (re.compile(r"with accept_bearer=True"), lambda opts: "with --accept-bearer"),
     (
-        re.compile(r"\(?timeouts are the (httpx )?client's timeout= setting\)?"),
+        re.compile(r"\(?timeouts are the [\w ]*client's timeout=? setting\)?"),
         lambda opts: "(to wait longer, " + _ways("timeout", opts) + ")",
     ),
 ]

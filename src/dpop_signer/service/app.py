@@ -52,6 +52,7 @@ from dpop_signer.service.metrics import CONTENT_TYPE, Metrics
 from dpop_signer.service.reload import KeyBundle
 from dpop_signer.service.security import ApiKeys
 from dpop_signer.service.signer import PROBE_INTERVAL, SignerState, keep_probing
+from dpop_signer.service.workers import SharedMetrics
 from dpop_signer.urls import check_http_url
 
 if TYPE_CHECKING:
@@ -218,6 +219,7 @@ class ServiceState:
             ``--allow-remote``: DNS rebinding).
         probe_interval: sign a health probe after this many seconds without a signature
             (0: never), so ``/healthz`` notices a lost key with no traffic.
+        shared_metrics: with ``--workers``, every worker's counters, summed at ``/metrics``.
     """
 
     key: KeyBundle
@@ -229,6 +231,7 @@ class ServiceState:
     make_client: Callable[[], httpx.AsyncClient] | None = None
     loopback_only: bool = False
     probe_interval: float = PROBE_INTERVAL
+    shared_metrics: SharedMetrics | None = None
 
 
 class _Handlers:
@@ -393,7 +396,9 @@ class _Handlers:
 
     async def metrics(self, request: Request) -> Response:
         self.state.metrics.signer_state = self.state.key.signer.state
-        return PlainTextResponse(self.state.metrics.render(), media_type=CONTENT_TYPE)
+        shared = self.state.shared_metrics
+        text = shared.render() if shared is not None else self.state.metrics.render()
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
@@ -428,6 +433,13 @@ def _guard(
     return endpoint
 
 
+async def _publish(shared: SharedMetrics) -> None:
+    # About once a second, so the other workers' /metrics include this one's counters.
+    while True:
+        await asyncio.sleep(1.0)
+        shared.write()
+
+
 def create_signer_app(state: ServiceState) -> Starlette:
     """The ``dpop serve`` application for ``state``."""
     handlers = _Handlers(state)
@@ -440,16 +452,18 @@ def create_signer_app(state: ServiceState) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if state.key.auth is not None and state.http is None and state.make_client is not None:
             state.http = state.make_client()
-        probes = None
+        tasks = []
         if state.probe_interval > 0:
-            probes = asyncio.create_task(
-                keep_probing(lambda: state.key.signer, state.probe_interval)
+            tasks.append(
+                asyncio.create_task(keep_probing(lambda: state.key.signer, state.probe_interval))
             )
+        if state.shared_metrics is not None:
+            tasks.append(asyncio.create_task(_publish(state.shared_metrics)))
         try:
             yield
         finally:
-            if probes is not None:
-                probes.cancel()
+            for task in tasks:
+                task.cancel()
             if state.http is not None:
                 await state.http.aclose()
             state.key.close()

@@ -19,7 +19,9 @@ upstream stay as they were at start.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -31,6 +33,8 @@ from dpop_signer.cli_options import (
     settings_from_context,
 )
 from dpop_signer.errors import ConfigError
+from dpop_signer.tls import ssl_context
+from dpop_signer.tokens import USER_AGENT
 
 if TYPE_CHECKING:
     from dpop_signer.config import Settings
@@ -65,6 +69,14 @@ _unauthenticated_option = click.option(
     is_flag=True,
     default=False,
     help="Serve loopback TCP without an API key: every local process may then use the key.",
+)
+_workers_option = click.option(
+    "--workers",
+    metavar="N",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="Serve with N processes on one socket, each with its own HSM session.",
 )
 _probe_interval_option = click.option(
     "--probe-interval",
@@ -194,6 +206,7 @@ def _token_counter(settings: Settings, metrics: Metrics) -> Callable[[Any], Any]
 )
 @_remote_option
 @_unauthenticated_option
+@_workers_option
 @_probe_interval_option
 @_read_timeout_option
 @_max_connections_option
@@ -205,6 +218,7 @@ def serve(
     ctx: click.Context,
     /,
     allow_unauthenticated: bool,
+    workers: int,
     probe_interval: float,
     read_timeout: float,
     max_connections: int | None,
@@ -225,57 +239,101 @@ def serve(
           --token-url https://as.example/token --client-id svc \\
           --allow-origin https://api.example
     """  # noqa: D301 - click's \b keeps the examples unwrapped
-    import httpx
-
-    from dpop_signer.service.app import ServiceState, create_signer_app
     from dpop_signer.service.metrics import Metrics
-    from dpop_signer.service.reload import Reloader
-    from dpop_signer.service.runner import ConnectionLimits, serve_app
     from dpop_signer.service.security import bind_listener, parse_origins
 
     settings, listen, api_keys = _prepare(ctx, DEFAULT_LISTEN, allow_unauthenticated, log_level)
     origins = parse_origins(settings.allow_origin)
-    metrics = Metrics()
     if settings.token_url is not None or settings.client_id is not None:
         settings.require("token_url", "client_id")
-    bundle = _open_key(settings, metrics)
-    try:
-        hook = _token_counter(settings, metrics)
-        state = ServiceState(
-            key=bundle,
-            api_keys=api_keys,
-            allowed_origins=origins,
-            metrics=metrics,
-            make_client=lambda: httpx.AsyncClient(
-                timeout=settings.timeout, event_hooks={"response": [hook]}
-            ),
-            loopback_only=not listen.is_unix and not settings.allow_remote,
-            probe_interval=probe_interval,
+    if workers > 1:
+        # Checked once here, so a wrong key or PIN is tried once, not once per worker.
+        _open_key(settings, Metrics()).close()
+    sock = bind_listener(listen)
+    metrics_dir = _metrics_dir()
+
+    def run(index: int | None) -> bool:
+        import httpx
+
+        from dpop_signer.service.app import ServiceState, create_signer_app
+        from dpop_signer.service.reload import Reloader
+        from dpop_signer.service.runner import ConnectionLimits, serve_app
+        from dpop_signer.service.workers import SharedMetrics
+
+        metrics = Metrics()
+        bundle = _open_key(settings, metrics)
+        try:
+            hook = _token_counter(settings, metrics)
+            state = ServiceState(
+                key=bundle,
+                api_keys=api_keys,
+                allowed_origins=origins,
+                metrics=metrics,
+                make_client=lambda: httpx.AsyncClient(
+                    timeout=settings.timeout,
+                    verify=ssl_context(settings.ca_bundle),
+                    headers={"User-Agent": USER_AGENT},
+                    event_hooks={"response": [hook]},
+                ),
+                loopback_only=not listen.is_unix and not settings.allow_remote,
+                probe_interval=probe_interval,
+                shared_metrics=None
+                if index is None
+                else SharedMetrics(metrics_dir, index, metrics),
+            )
+        except BaseException:
+            bundle.close()
+            raise
+
+        def install(new: KeyBundle, keys: ApiKeys | None) -> KeyBundle:
+            old, state.key, state.api_keys = state.key, new, keys
+            return old
+
+        reloader = Reloader(lambda: _reload(ctx, settings, api_keys, metrics), install)
+        return serve_app(
+            create_signer_app(state),
+            listen,
+            sock,
+            limits=ConnectionLimits(read_timeout, max_connections),
+            on_reload=reloader.request,
+            owner=index is None,
+            mode="serve",
+            worker=index,
+            jkt=bundle.jkt,
+            api_key=api_keys is not None,
+            allowed_origins=sorted(origins),
+            token_endpoint=settings.token_url is not None,
         )
-        sock = bind_listener(listen)
-    except BaseException:
-        bundle.close()
-        raise
 
-    def install(new: KeyBundle, keys: ApiKeys | None) -> KeyBundle:
-        old, state.key, state.api_keys = state.key, new, keys
-        return old
-
-    reloader = Reloader(lambda: _reload(ctx, settings, api_keys, metrics), install)
-    started = serve_app(
-        create_signer_app(state),
-        listen,
-        sock,
-        limits=ConnectionLimits(read_timeout, max_connections),
-        on_reload=reloader.request,
-        mode="serve",
-        jkt=bundle.jkt,
-        api_key=api_keys is not None,
-        allowed_origins=sorted(origins),
-        token_endpoint=settings.token_url is not None,
-    )
-    if not started:
+    if not _run(workers, run, listen, sock, metrics_dir):
         raise click.ClickException("the service failed to start; see the log lines above")
+
+
+def _run(
+    workers: int, run: Callable[[int | None], bool], listen: Listen, sock: Any, scratch: Path
+) -> bool:
+    """``run(None)`` in this process, or ``run(index)`` in each of ``workers`` processes."""
+    if workers == 1:
+        return run(None)
+    import shutil
+
+    from dpop_signer.service.security import remove_unix_socket
+    from dpop_signer.service.workers import run_workers
+
+    try:
+        return run_workers(workers, run)
+    finally:
+        sock.close()
+        remove_unix_socket(listen)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _metrics_dir() -> Path:
+    """A private directory (made by the workers, mode 0700) for their counters."""
+    import tempfile
+
+    base = Path(os.environ.get("RUNTIME_DIRECTORY") or tempfile.gettempdir())
+    return base / f"dpop-workers-{os.getpid()}"
 
 
 @click.command()
@@ -306,6 +364,7 @@ def serve(
     help="Most bytes all kept request bodies together may hold; beyond it a body streams "
     "without a retry.",
 )
+@_workers_option
 @_read_timeout_option
 @_max_connections_option
 @_log_level_option
@@ -316,6 +375,7 @@ def proxy(
     ctx: click.Context,
     /,
     allow_unauthenticated: bool,
+    workers: int,
     replay_limit: int,
     replay_total: int,
     read_timeout: float,
@@ -335,12 +395,7 @@ def proxy(
           --api-key-file /etc/dpop/api-key --token-url https://as.example/token \\
           --client-id svc
     """  # noqa: D301 - click's \b keeps the examples unwrapped
-    import httpx
-
     from dpop_signer.service.metrics import Metrics
-    from dpop_signer.service.proxy import ProxyState, ReplayBudget, create_proxy_app
-    from dpop_signer.service.reload import Reloader
-    from dpop_signer.service.runner import ConnectionLimits, serve_app
     from dpop_signer.service.security import bind_listener
     from dpop_signer.urls import check_http_url
 
@@ -353,43 +408,60 @@ def proxy(
         upstream = check_http_url(settings.upstream, "--upstream")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    metrics = Metrics()
-    bundle = _open_key(settings, metrics)
-    try:
-        hook = _token_counter(settings, metrics)
-        state = ProxyState(
-            upstream=upstream,
-            key=bundle,
-            make_client=lambda: httpx.AsyncClient(
-                timeout=settings.timeout,
-                follow_redirects=False,
-                event_hooks={"response": [hook]},
-            ),
-            api_keys=api_keys,
-            replay_limit=replay_limit,
-            replay_budget=ReplayBudget(replay_total),
-            metrics=metrics,
+    if workers > 1:
+        # Checked once here, so a wrong key or PIN is tried once, not once per worker.
+        _open_key(settings, Metrics()).close()
+    sock = bind_listener(listen)
+
+    def run(index: int | None) -> bool:
+        import httpx
+
+        from dpop_signer.service.proxy import ProxyState, ReplayBudget, create_proxy_app
+        from dpop_signer.service.reload import Reloader
+        from dpop_signer.service.runner import ConnectionLimits, serve_app
+
+        metrics = Metrics()
+        bundle = _open_key(settings, metrics)
+        try:
+            hook = _token_counter(settings, metrics)
+            state = ProxyState(
+                upstream=upstream,
+                key=bundle,
+                make_client=lambda: httpx.AsyncClient(
+                    timeout=settings.timeout,
+                    verify=ssl_context(settings.ca_bundle),
+                    headers={"User-Agent": USER_AGENT},
+                    follow_redirects=False,
+                    event_hooks={"response": [hook]},
+                ),
+                api_keys=api_keys,
+                replay_limit=replay_limit,
+                replay_budget=ReplayBudget(replay_total),
+                metrics=metrics,
+            )
+        except BaseException:
+            bundle.close()
+            raise
+
+        def install(new: KeyBundle, keys: ApiKeys | None) -> KeyBundle:
+            old, state.key, state.api_keys = state.key, new, keys
+            return old
+
+        reloader = Reloader(lambda: _reload(ctx, settings, api_keys, metrics), install)
+        loopback_only = not listen.is_unix and not settings.allow_remote
+        return serve_app(
+            create_proxy_app(state, loopback_only=loopback_only),
+            listen,
+            sock,
+            limits=ConnectionLimits(read_timeout, max_connections),
+            on_reload=reloader.request,
+            owner=index is None,
+            mode="proxy",
+            worker=index,
+            # Never the whole URL: user info or a query may carry credentials.
+            upstream=f"{upstream.scheme}://{upstream.netloc.decode('ascii')}{upstream.path}",
+            api_key=api_keys is not None,
         )
-        sock = bind_listener(listen)
-    except BaseException:
-        bundle.close()
-        raise
 
-    def install(new: KeyBundle, keys: ApiKeys | None) -> KeyBundle:
-        old, state.key, state.api_keys = state.key, new, keys
-        return old
-
-    reloader = Reloader(lambda: _reload(ctx, settings, api_keys, metrics), install)
-    started = serve_app(
-        create_proxy_app(state, loopback_only=not listen.is_unix and not settings.allow_remote),
-        listen,
-        sock,
-        limits=ConnectionLimits(read_timeout, max_connections),
-        on_reload=reloader.request,
-        mode="proxy",
-        # Never the whole URL: user info or a query may carry credentials.
-        upstream=f"{upstream.scheme}://{upstream.netloc.decode('ascii')}{upstream.path}",
-        api_key=api_keys is not None,
-    )
-    if not started:
+    if not _run(workers, run, listen, sock, _metrics_dir()):
         raise click.ClickException("the proxy failed to start; see the log lines above")

@@ -1,9 +1,10 @@
 """Prometheus metrics for the service, hand-written and small.
 
-Six families, rendered in the Prometheus text exposition format (version 0.0.4):
+Seven families, rendered in the Prometheus text exposition format (version 0.0.4):
 
-- ``dpop_signatures_total``: signatures made with the key (one per proof, token requests
-  included);
+- ``dpop_signatures_total``: signatures made with the key (one per proof, token requests and
+  health probes included);
+- ``dpop_proofs_total{endpoint}``: proofs handed out, by endpoint;
 - ``dpop_sign_seconds``: signing latency histogram, as the event loop sees it (HSM round trip
   included, and for a PKCS#11 key the hop to its module's worker thread);
 - ``dpop_token_requests_total{status}``: requests to the token endpoint by HTTP status;
@@ -14,13 +15,15 @@ Six families, rendered in the Prometheus text exposition format (version 0.0.4):
 - ``dpop_signer_state{state}``: one sample, 1, labelled with the key's state now (as at
   ``/healthz``).
 
-Counters live in one event loop thread, so plain integers suffice.
+Counters live in one event loop thread, so plain integers suffice. With ``--workers``, each
+process's counters are summed across processes (`dpop_signer.service.workers.SharedMetrics`).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import Counter
+from typing import Any
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -52,6 +55,31 @@ class Metrics:
         index = bisect.bisect_left(_BUCKETS, seconds)
         if index < len(_BUCKETS):
             self._bucket_counts[index] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as plain JSON data (for `merge` in another process)."""
+        return {
+            "signatures": self.signatures,
+            "proofs": dict(self.proofs),
+            "token_requests": dict(self.token_requests),
+            "errors": dict(self.errors),
+            "signer_failures": dict(self.signer_failures),
+            "buckets": list(self._bucket_counts),
+            "sign_count": self._sign_count,
+            "sign_sum": self._sign_sum,
+        }
+
+    def merge(self, snapshot: dict[str, Any]) -> None:
+        """Add another process's `snapshot` to these counters."""
+        self.signatures += int(snapshot["signatures"])
+        self.proofs.update(snapshot["proofs"])
+        self.token_requests.update(snapshot["token_requests"])
+        self.errors.update(snapshot["errors"])
+        self.signer_failures.update(snapshot["signer_failures"])
+        for index, count in enumerate(snapshot["buckets"][: len(self._bucket_counts)]):
+            self._bucket_counts[index] += int(count)
+        self._sign_count += int(snapshot["sign_count"])
+        self._sign_sum += float(snapshot["sign_sum"])
 
     def render(self) -> str:
         """The text exposition of every family."""

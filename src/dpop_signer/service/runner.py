@@ -270,12 +270,14 @@ def serve_app(
     graceful_timeout: int = 10,
     limits: ConnectionLimits | None = None,
     on_reload: Callable[[], None] | None = None,
+    owner: bool = True,
     **fields: object,
 ) -> bool:
     """Serve ``app`` on ``sock`` until SIGTERM or SIGINT; False when startup failed.
 
-    ``on_reload`` is called on the event loop for each SIGHUP. ``fields`` are added to the
-    ``starting`` log line (mode, origins, ...).
+    ``on_reload`` is called on the event loop for each SIGHUP. A worker of ``--workers`` is
+    not the ``owner`` of the socket: the supervisor removes a unix socket at the end.
+    ``fields`` are added to the ``starting`` log line (mode, origins, ...).
     """
     limits = limits or ConnectionLimits()
     cap, backlog = limits.plan()
@@ -309,7 +311,8 @@ def serve_app(
         asyncio.run(server.serve(sockets=[sock]))
     finally:
         sock.close()
-        remove_unix_socket(listen)
+        if owner:
+            remove_unix_socket(listen)
     if server.stopped_by:
         log_event("exit", signal=signal.Signals(server.stopped_by[-1]).name)
     return server.started

@@ -111,11 +111,11 @@ def _load_private_key(data: bytes, pin: str | None, where: str) -> ec.EllipticCu
     encrypted = b"ENCRYPTED" in data
     password = pin.encode("utf-8") if (pin and encrypted) else None
     if encrypted and password is None:
-        raise PinError(f"{where} is encrypted; give its passphrase with --pin or DPOP_PIN")
+        raise PinError(f"{where} is encrypted; pass pin= (its passphrase)")
     try:
         key = serialization.load_pem_private_key(data, password=password)
     except TypeError as exc:
-        raise PinError(f"{where} is encrypted; give its passphrase with --pin or DPOP_PIN") from exc
+        raise PinError(f"{where} is encrypted; pass pin= (its passphrase)") from exc
     except ValueError as exc:
         if encrypted:
             raise PinError(f"wrong passphrase for {where}") from exc

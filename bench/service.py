@@ -100,7 +100,7 @@ async def load(
 
 
 def start_service(
-    key: str, pin: str | None, workdir: Path
+    key: str, pin: str | None, workdir: Path, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[bytes], int, str]:
     """Start ``dpop serve`` on a free loopback port with ``key``; (process, port, API key)."""
     api_key = secrets.token_urlsafe(32)
@@ -115,7 +115,7 @@ def start_service(
     with open(log, "wb") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "dpop_signer", "serve", "--listen", "127.0.0.1:0",
-             "--api-key-file", str(key_file), "--key", key],
+             "--api-key-file", str(key_file), "--key", key, *extra],
             stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
         )  # fmt: skip
     deadline = time.monotonic() + 30
@@ -224,6 +224,48 @@ def measure_service(
     return rows
 
 
+def measure_workers(key: str, pin: str | None, rounds: int, seconds: float) -> Row:
+    """``--workers 2`` against one worker, /v1/proof at 8 connections, interleaved rounds."""
+    print("  --workers 2 against 1 ...", file=sys.stderr, flush=True)
+    services = []
+    try:
+        for workers in (1, 2):
+            workdir = Path(tempfile.mkdtemp(prefix="dpop-bench-workers-"))
+            process, port, api_key = start_service(
+                key, pin, workdir, ("--workers", str(workers), "--log-level", "warning")
+            )
+            services.append((process, port, build_requests(port, api_key)[1], workdir))
+        for _, port, proof, _ in services:
+            asyncio.run(load(port, proof.request, 8, 0.5))  # warm-up, every worker's session
+        for _ in range(rounds):
+            for _, port, proof, _ in services:
+                rate, _, errors = asyncio.run(load(port, proof.request, 8, seconds))
+                proof.rates.append(rate)
+                proof.errors += errors
+        one, two = services[0][2], services[1][2]
+        ratios = [b / a for a, b in zip(one.rates, two.rates, strict=True)]
+        return Row(
+            section=SECTION,
+            name="POST /v1/proof, SoftHSM2 key, --workers 2, 8 connections",
+            value=f"{statistics.median(two.rates):,.0f} req/s",
+            versus=f"--workers 1 ({statistics.median(one.rates):,.0f} req/s)",
+            ratio=statistics.median(ratios),
+            rounds=ratios,
+            target="≥ 1.60",
+            met=statistics.median(ratios) >= 1.6,
+            note=f"errors {one.errors + two.errors}; the load client shares the 2 cores; "
+            "audit lines off (--log-level warning) in both",
+        )
+    finally:
+        for process, _, _, workdir in services:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list[str]) -> list[Row]:
     parser = argparse.ArgumentParser(prog="python -m bench service")
     parser.add_argument("--rounds", type=int, default=3)
@@ -238,6 +280,7 @@ def main(argv: list[str]) -> list[Row]:
     key = bench_key()
     try:
         rows = measure_service("SoftHSM2 key", key.uri, key.pin, levels, rounds, seconds)
+        rows.append(measure_workers(key.uri, key.pin, rounds, seconds))
     finally:
         key.cleanup()
     if not args.no_pem:

@@ -294,7 +294,9 @@ def serve(
             create_signer_app(state),
             listen,
             sock,
-            limits=ConnectionLimits(read_timeout, max_connections),
+            limits=ConnectionLimits(
+                read_timeout, max_connections, accept_batch=None if index is None else 1
+            ),
             on_reload=reloader.request,
             owner=index is None,
             mode="serve",
@@ -453,7 +455,9 @@ def proxy(
             create_proxy_app(state, loopback_only=loopback_only),
             listen,
             sock,
-            limits=ConnectionLimits(read_timeout, max_connections),
+            limits=ConnectionLimits(
+                read_timeout, max_connections, accept_batch=None if index is None else 1
+            ),
             on_reload=reloader.request,
             owner=index is None,
             mode="proxy",

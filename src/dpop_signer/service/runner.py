@@ -76,6 +76,9 @@ class ConnectionLimits:
 
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_connections: int | None = None
+    accept_batch: int | None = None
+    """Most connections one wake-up accepts; 1 for ``--workers``, so that the worker that
+    wakes first does not take every waiting connection and leave its siblings idle."""
 
     def plan(self) -> tuple[int, int]:
         """``(connection cap, accept backlog)`` for the soft ``RLIMIT_NOFILE`` of now.
@@ -89,6 +92,8 @@ class ConnectionLimits:
         room = max(2 * _MIN_CONNECTIONS, soft - _RESERVED_FDS)
         backlog = max(_MIN_CONNECTIONS, min(_MAX_BACKLOG, room // 4))
         cap = room - backlog
+        if self.accept_batch is not None:
+            backlog = min(backlog, self.accept_batch)
         if self.max_connections is not None:
             cap = min(cap, self.max_connections)
         return cap, backlog

@@ -2,7 +2,8 @@
 # Make sure SoftHSM2 (and p11-kit's proxy module, which the tests also load SoftHSM2 through) is
 # installed, with what the signer fault tests use (OpenSC's pkcs11-spy.so and pkcs11-tool,
 # p11-kit's server) and the software TPM stack the tpm2-pkcs11 tests run on (swtpm,
-# tpm2-pkcs11 and tpm2_ptool, tpm2-tools, tpm2-abrmd with its client TCTI and dbus-daemon):
+# tpm2-pkcs11 and tpm2_ptool, tpm2-tools, tpm2-abrmd with its client TCTI and dbus-daemon), and
+# the Redis server the shared token store tests start on a loopback port (redis-server):
 # install Debian's packages when we are root and something is missing, otherwise say exactly
 # what to install. Idempotent; prints nothing when all is there. Missing test tools alone do
 # not fail (those tests then skip, and fail under CI); missing SoftHSM2 does.
@@ -46,6 +47,9 @@ have tpm2-abrmd || missing+=(tpm2-abrmd)
 first_existing /usr/lib/*-linux-gnu/libtss2-tcti-tabrmd.so.0 /usr/lib64/libtss2-tcti-tabrmd.so.0 \
   || missing+=(libtss2-tcti-tabrmd0)
 have dbus-daemon || missing+=("dbus-daemon|dbus")
+
+# The shared token store tests (tests/redis_fixtures.py) start their own redis-server.
+have redis-server || missing+=(redis-server)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
@@ -68,10 +72,10 @@ fi
 debian=("${missing[@]%%|*}")
 if [ "$softhsm_missing" -eq 0 ]; then
   cat >&2 <<MSG
-Missing for the tpm2-pkcs11 and signer fault tests: ${debian[*]}; this user cannot install
-packages. Those tests skip until they are installed (and fail under CI):
+Missing for the tpm2-pkcs11, signer fault and Redis token store tests: ${debian[*]};
+this user cannot install packages. Those tests skip until they are installed (and fail under CI):
   Debian/Ubuntu:  sudo apt-get install ${debian[*]}
-  Fedora/RHEL:    sudo dnf install opensc p11-kit-server swtpm swtpm-tools tpm2-pkcs11 tpm2-pkcs11-tools tpm2-tools tpm2-abrmd
+  Fedora/RHEL:    sudo dnf install opensc p11-kit-server swtpm swtpm-tools tpm2-pkcs11 tpm2-pkcs11-tools tpm2-tools tpm2-abrmd redis
 MSG
   exit 0
 fi
@@ -80,7 +84,7 @@ cat >&2 <<MSG
 Missing: ${debian[*]}; this user cannot install packages.
 Install them, then run make again:
   Debian/Ubuntu:  sudo apt-get install ${debian[*]}
-  Fedora/RHEL:    sudo dnf install softhsm p11-kit swtpm swtpm-tools tpm2-pkcs11 tpm2-pkcs11-tools tpm2-tools tpm2-abrmd
-  macOS:          brew install softhsm p11-kit   (the tpm2-pkcs11 tests need Linux)
+  Fedora/RHEL:    sudo dnf install softhsm p11-kit swtpm swtpm-tools tpm2-pkcs11 tpm2-pkcs11-tools tpm2-tools tpm2-abrmd redis
+  macOS:          brew install softhsm p11-kit redis   (the tpm2-pkcs11 tests need Linux)
 MSG
 exit 1

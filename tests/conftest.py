@@ -19,7 +19,12 @@ from dpop_signer.signers.base import Signer
 
 # oidc_provider / jose_rs: the node interop servers of tests/interop/ (see that module).
 # local_servers / oracle_check: in-package local servers, every proof re-checked by the oracle.
-pytest_plugins = ["tests.interop_fixtures", "tests.servers_fixtures", "tests.tpm2_fixtures"]
+pytest_plugins = [
+    "tests.interop_fixtures",
+    "tests.servers_fixtures",
+    "tests.tpm2_fixtures",
+    "tests.redis_fixtures",
+]
 
 IN_CI = bool(os.environ.get("CI"))
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from dpop_signer import DPoPAuth
-from dpop_signer.auth import _challenges, _dpop_challenge_error
+from dpop_signer.challenges import dpop_error, parse_challenges
 from dpop_signer.errors import (
     ConfigError,
     DPoPSignerError,
@@ -733,15 +733,18 @@ def test_private_key_jwt_defaults_to_the_dpop_key(pem_signer: Signer) -> None:
     ],
 )
 def test_dpop_challenge_error(header: str, error: str | None) -> None:
-    assert _dpop_challenge_error(httpx.Headers({"WWW-Authenticate": header})) == error
+    assert dpop_error([header]) == error
 
 
 def test_challenges_in_separate_header_lines() -> None:
     headers = httpx.Headers(
         [("WWW-Authenticate", 'Bearer realm="a"'), ("WWW-Authenticate", 'DPoP error="x"')]
     )
-    assert _dpop_challenge_error(headers) == "x"
-    assert _challenges('DPoP algs="ES256", Bearer') == [("dpop", {"algs": "ES256"}), ("bearer", {})]
+    assert dpop_error(headers.get_list("www-authenticate")) == "x"
+    assert parse_challenges('DPoP algs="ES256", Bearer') == [
+        ("dpop", {"algs": "ES256"}),
+        ("bearer", {}),
+    ]
 
 
 def test_401_without_a_dpop_challenge_is_returned_unchanged(pem_signer: Signer) -> None:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests import oracle
-from tests.cli_support import assert_absent, assert_ok, assert_one_line_error, dpop
+from tests.cli_support import DPOP, assert_absent, assert_ok, assert_one_line_error, dpop
 
 COMMANDS = ["keygen", "jwk", "thumbprint", "proof", "token", "request", "doctor", "demo"]
 
@@ -281,7 +281,9 @@ def test_no_heavy_imports_for_help():
     assert proc.stdout.strip() == ""
 
 
-def run_on_terminal(args: list[str], answer: str, *, prompt: bytes) -> tuple[str, int]:
+def run_on_terminal(
+    args: list[str], answer: str, *, prompt: bytes, extra_env: dict[str, str] | None = None
+) -> tuple[str, int]:
     """Run dpop on a pseudo-terminal, type ``answer`` at ``prompt``; return output and status."""
     import pty
     import select
@@ -289,11 +291,11 @@ def run_on_terminal(args: list[str], answer: str, *, prompt: bytes) -> tuple[str
 
     from tests.cli_support import clean_env
 
-    env = clean_env()
+    env = clean_env(extra_env)
     del env["DPOP_NO_PROMPT"]
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
-        os.execve(sys.executable, [sys.executable, "-m", "dpop_signer", *args], env)  # noqa: S606
+        os.execve(str(DPOP), [str(DPOP), *args], env)  # noqa: S606
     output = b""
     answered = False
     deadline = time.monotonic() + 30
@@ -337,3 +339,130 @@ def test_pin_prompt_on_a_terminal(softhsm, cli_token_key):
     )
     assert status == 0, output
     assert jkt in output
+
+
+# --- first run: help, hints, settings, SoftHSM2, packaging ---------------------------------
+
+
+def test_dpop_alone_prints_the_help_as_help_does():
+    result = dpop()
+    assert result.code == 2
+    assert result.err == assert_ok(dpop("--help")).out  # the same text, not one squashed line
+    assert "error:" not in result.err
+    assert result.err.startswith("Usage: dpop")
+    assert "Exit status:" in result.err
+
+
+def test_demo_pin_hint_names_only_what_demo_has(tmp_path):
+    key = tmp_path / "k.pem"
+    assert_ok(dpop("keygen", "--key", str(key), env={"DPOP_PIN": "demo-passphrase-7"}))
+    line = assert_one_line_error(dpop("demo", "--key", str(key)), code=3, says="encrypted")
+    assert "DPOP_PIN_FILE" in line
+    assert "--pin" not in line  # `dpop demo` has no --pin, --pin-file or --config
+    assert "--config" not in line
+
+
+def test_default_config_file_and_dpop_config(pem_key_path, tmp_path):
+    config_dir = tmp_path / "xdg" / "dpop"
+    config_dir.mkdir(parents=True)
+    (tmp_path / "secret").write_text("config-secret-55\n")
+    (config_dir / "config.toml").write_text(
+        f'key = "{pem_key_path}"\nclient_secret_file = "{tmp_path / "secret"}"\n'
+    )
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "DPOP_TOKEN_URL": "https://as.example/t"}
+    expected = oracle.thumbprint(jwk_of_pem(pem_key_path))
+    assert assert_ok(dpop("thumbprint", env=env)).out.strip() == expected
+    shown = assert_ok(dpop("config", "--scope", "read", env=env)).out
+    lines = {line.split(" = ")[0]: line for line in shown.splitlines() if " = " in line}
+    assert str(config_dir / "config.toml") in shown.splitlines()[0]
+    assert lines["key"].endswith(f"# from {config_dir / 'config.toml'} (key)")
+    assert lines["token_url"] == 'token_url = "https://as.example/t"  # from DPOP_TOKEN_URL'
+    assert lines["scope"] == 'scope = "read"  # from --scope'
+    assert "(client_secret_file)" in lines["client_secret"]
+    assert_absent(shown, ["config-secret-55"])
+    assert "# client_id is not set" in shown
+    # DPOP_CONFIG beats the default location.
+    other = tmp_path / "other.toml"
+    other.write_text('scope = "other"\n')
+    named = assert_ok(dpop("config", env={**env, "DPOP_CONFIG": str(other)})).out
+    assert 'scope = "other"' in named
+    assert "named by DPOP_CONFIG" in named
+
+
+def test_shell_completion_is_clicks_own():
+    result = dpop(env={"_DPOP_COMPLETE": "bash_source"})
+    assert result.code == 0, result.err
+    assert "complete " in result.out
+    assert "_DPOP_COMPLETE=bash_complete" in result.out
+
+
+@pytest.mark.softhsm
+def test_softhsm2_configuration_is_named_as_the_cause(softhsm, tmp_path):
+    ref = "pkcs11:token=no-such-token;object=x"
+    unset = dpop("jwk", "--key", ref, env={"SOFTHSM2_CONF": None, "DPOP_PIN": "1"})
+    line = assert_one_line_error(unset, code=3)
+    assert "SOFTHSM2_CONF is not set" in line
+    gone = tmp_path / "gone.conf"
+    missing = dpop("jwk", "--key", ref, env={"SOFTHSM2_CONF": str(gone), "DPOP_PIN": "1"})
+    line = assert_one_line_error(missing, code=3)
+    assert f"SOFTHSM2_CONF={gone} does not exist" in line
+    assert "module-path=" not in line  # the module is fine; its configuration is not
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\n")
+    no_dir = dpop("jwk", "--key", ref, env={"SOFTHSM2_CONF": str(conf), "DPOP_PIN": "1"})
+    assert f"token directory {tmp_path / 'tokens'}" in assert_one_line_error(no_dir, code=3)
+
+
+@pytest.mark.softhsm
+def test_dev_token_script_recreates_a_token_that_is_gone(softhsm, tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "softhsm").mkdir()
+    for name in ("dev-token.sh", "softhsm2.conf.in"):
+        shutil.copy(root / "softhsm" / name, tmp_path / "softhsm" / name)
+    env = {**os.environ, "BIN": str(Path(sys.executable).parent)}
+
+    def run() -> str:
+        proc = subprocess.run(
+            ["bash", str(tmp_path / "softhsm" / "dev-token.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    made = run()
+    assert "created SoftHSM2 token" in made
+    assert "already set up" in run()
+    shutil.rmtree(tmp_path / ".softhsm" / "tokens")
+    again = run()
+    assert "setting it up again" in again
+    assert "created SoftHSM2 token" in again
+    dev_env = dict(
+        line.split("=", 1)
+        for line in (tmp_path / ".softhsm" / "dev.env").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    values = {k: v.strip("'") for k, v in dev_env.items()}
+    # One key, one URI: the script printed the URI that dev.env holds.
+    assert f"P-256 key {values['DPOP_KEY']} " in again
+    jkt = assert_ok(dpop("thumbprint", env=values)).out.strip()
+    assert f"(jkt {jkt})" in again
+
+
+def test_license_and_package_metadata():
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    license_text = (root / "LICENSE").read_text()
+    assert "Apache License" in license_text
+    assert "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
+    assert "Programming Language :: Python :: 3.13" in project["classifiers"]
+    assert project["urls"]
+    assert any(dep.startswith("truststore") for dep in project["dependencies"])

@@ -15,16 +15,17 @@ import socket
 
 import pytest
 
+from dpop_signer import __version__
 from dpop_signer.testing.servers import DEMO_CLIENT_SECRET, LocalServers
 from tests import oracle
 from tests.cli_support import Result, assert_absent, assert_ok, assert_one_line_error, dpop
-from tests.test_cli import jwk_of_pem
+from tests.test_cli import jwk_of_pem, run_on_terminal
 
 JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{16,}\.")
 
 
-def env_for(servers: LocalServers, key: str, **extra: str) -> dict[str, str]:
-    env = {
+def env_for(servers: LocalServers, key: str, **extra: str | None) -> dict[str, str | None]:
+    env: dict[str, str | None] = {
         "DPOP_KEY": key,
         "DPOP_TOKEN_URL": servers.token_url,
         "DPOP_CLIENT_ID": servers.client_id,
@@ -371,6 +372,51 @@ def test_doctor_all_green_with_a_pem_key(local_servers, pem_key_path):
     assert_absent(result.both, secrets_seen(local_servers))
 
 
+def test_doctor_fails_a_token_endpoint_that_is_not_there(local_servers, pem_key_path):
+    env = env_for(local_servers, pem_key_path, DPOP_TOKEN_URL=local_servers.as_url + "/no-token")
+    result = dpop("doctor", env=env)
+    assert result.code == 1
+    steps = doctor_lines(result)
+    assert steps["token endpoint reachable"].startswith("✗"), result.out
+    assert "404" in steps["token endpoint reachable"]
+    report = json.loads(dpop("doctor", "--json", env=env).out)
+    assert report["ok"] is False
+    by_step = {step["step"]: step for step in report["steps"]}
+    assert by_step["token endpoint reachable"]["status"] == "fail"
+    assert by_step["sign and verify"]["status"] == "ok"
+    assert by_step["DPoP token issued"]["status"] == "skip"
+    green = json.loads(
+        assert_ok(dpop("doctor", "--json", env=env_for(local_servers, pem_key_path))).out
+    )
+    assert green["ok"] is True
+    assert {step["status"] for step in green["steps"]} == {"ok"}
+
+
+def test_missing_client_secret_is_named(local_servers, pem_key_path):
+    env = env_for(local_servers, pem_key_path, DPOP_CLIENT_SECRET=None)
+    line = assert_one_line_error(dpop("token", env=env), code=4, says="invalid_client")
+    assert "no client secret is configured" in line
+    for hint in ("--client-secret-file", "DPOP_CLIENT_SECRET_FILE", "--client-auth none"):
+        assert hint in line
+
+
+def test_missing_client_secret_is_asked_for_on_a_terminal(local_servers, pem_key_path):
+    args = [
+        "token",
+        "--bare",
+        "--key",
+        pem_key_path,
+        "--token-url",
+        local_servers.token_url,
+        "--client-id",
+        local_servers.client_id,
+    ]
+    output, status = run_on_terminal(args, DEMO_CLIENT_SECRET, prompt=b"client secret for")
+    assert status == 0, output
+    assert JWT_LIKE.search(output)
+    assert DEMO_CLIENT_SECRET not in output  # hidden input
+
+
 def test_doctor_reports_a_rejected_secret(local_servers, pem_key_path):
     env = env_for(local_servers, pem_key_path, DPOP_CLIENT_SECRET="wrong-secret-77")
     result = dpop("doctor", env=env)
@@ -440,7 +486,18 @@ def check_demo(result: Result) -> None:
     assert "cnf.jkt=" in out
     tail = out[out.index("* API response:") :]
     assert tail.startswith("* API response: 200 OK")
-    assert json.loads(tail.split("\n", 1)[1])["ok"] is True
+    body, _, last = tail.split("\n", 1)[1].rstrip("\n").rpartition("\n\n")
+    assert json.loads(body)["ok"] is True
+    # The last line says what was proven, for the key the demo announced.
+    jkt = re.search(r"^\* key thumbprint \(jkt\): (\S+)$", out, re.M)
+    assert jkt is not None
+    assert last.startswith(f"* proven: the API accepted a DPoP-bound token for jkt {jkt[1]}")
+    assert json.loads(body)["jkt"] == jkt[1]
+    assert "retrying once with the server's nonce" in out
+    assert "answered once" not in out
+    assert f"User-Agent: dpop-signer/{__version__}" in out
+    # One key, one URI: the key is named once.
+    assert len(re.findall(r"^\* key: ", out, re.M)) == 1
     assert not JWT_LIKE.search(out)
     assert DEMO_CLIENT_SECRET not in out
 

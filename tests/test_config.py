@@ -281,8 +281,8 @@ def test_pin_precedence_for_pkcs11_uris():
     uri = "pkcs11:token=t;object=k?pin-value=1111"
     from_env = load_settings(env={"DPOP_PIN": "2222"})
     from_option = load_settings({"pin": "3333"}, env={})
-    # The URI's own PIN beats DPOP_PIN; --pin beats the URI (DESIGN.md, load_signer).
-    assert pin_for(from_env, uri) is None
+    # The URI's own PIN beats DPOP_PIN; --pin beats the URI (signers/pin.py, load_signer).
+    assert pin_for(from_env, uri) == "1111"
     assert pin_for(from_env, "pkcs11:token=t;object=k") == "2222"
     assert pin_for(from_option, uri) == "3333"
     assert pin_for(from_env, "key.pem") == "2222"

@@ -38,6 +38,7 @@ from dpop_signer import (
     load_signer,
 )
 from dpop_signer.signers import AsyncSigner, Signer, sign_async
+from dpop_signer.signers.pin import resolve_pin
 from dpop_signer.signers.pkcs11 import (
     Pkcs11Signer,
     generate_pkcs11_key,
@@ -48,7 +49,6 @@ from dpop_signer.signers.pkcs11_uri import (
     Pkcs11Uri,
     parse_pkcs11_uri,
     resolve_module,
-    resolve_pin,
 )
 from tests import oracle
 from tests.conftest import ROOT, SoftHsmToken, require

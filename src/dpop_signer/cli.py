@@ -172,7 +172,7 @@ class DpopGroup(click.Group):
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             _fail(exc.format_message() + hint, EXIT_USAGE)
         except click.Abort:
-            _fail("aborted", EXIT_INTERRUPTED)
+            _fail("interrupted", EXIT_INTERRUPTED)  # click turns ^C into Abort
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
         except KeyboardInterrupt:

@@ -209,13 +209,13 @@ def _key_needs_pin(ref: str) -> tuple[bool, str]:
 
     if is_pkcs11_ref(ref):
         try:
+            from dpop_signer.signers.pin import ref_brings_pin
             from dpop_signer.signers.pkcs11_uri import parse_pkcs11_uri
 
             uri = parse_pkcs11_uri(ref)
         except Exception:  # a malformed URI: let load_signer report it properly
             return False, ""
-        has_pin = getattr(uri, "pin_value", None) or getattr(uri, "pin_source", None)
-        return not has_pin, f"PIN for token {uri.token or uri.serial or '?'}"
+        return not ref_brings_pin(ref), f"PIN for token {uri.token or uri.serial or '?'}"
     try:
         with open(ref, "rb") as f:
             head = f.read(4096)

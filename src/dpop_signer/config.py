@@ -488,21 +488,16 @@ def build_signer(settings: Settings) -> Signer:
 
 
 def pin_for(settings: Settings, ref: str) -> str | None:
-    """The PIN to pass to `load_signer` / `generate_key` for key ``ref``."""
-    # DESIGN: a pin-value / pin-source in the URI beats DPOP_PIN, while --pin beats the URI.
-    # load_signer applies "argument > URI > DPOP_PIN", so a PIN that came from the
-    # environment is held back when the URI brings its own.
-    from dpop_signer.signers import is_pkcs11_ref
+    """The PIN to pass to `load_signer` / `generate_key` for key ``ref``.
+
+    The rule is `dpop_signer.signers.pin.resolve_pin`'s; a PIN that came from the environment
+    (``DPOP_PIN``, ``DPOP_PIN_FILE``) ranks as ``DPOP_PIN`` does, below the URI's own.
+    """
+    from dpop_signer.signers.pin import PIN_ENV, resolve_pin
 
     pin = settings.secret("pin")
-    if pin is None or not settings.source_of("pin").startswith(ENV_PREFIX):
-        return pin
-    if is_pkcs11_ref(ref):
-        from dpop_signer.signers.pkcs11_uri import parse_pkcs11_uri
-
-        uri = parse_pkcs11_uri(ref)
-        if uri.pin_value is not None or uri.pin_source is not None:
-            return None
+    if pin is not None and settings.source_of("pin").startswith(ENV_PREFIX):
+        return resolve_pin(ref, None, environ={PIN_ENV: pin})
     return pin
 
 

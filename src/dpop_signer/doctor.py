@@ -393,9 +393,23 @@ def _reachable(doc: Doctor, client: httpx.Client, token_url: str) -> bool:
         return False
     status = response.status_code
     if status in (404, 410):
+        # Some token endpoints answer every GET with 404 (they route POST only); the server's
+        # own discovery document (RFC 8414 §2 token_endpoint) tells them from a wrong path.
+        listed = _discovered_token_endpoint(client, token_url)
+        if listed is not None and listed.rstrip("/") == token_url.rstrip("/"):
+            doc.ok(step, f"{shown} (HTTP {status} to GET; discovery names it as token_endpoint)")
+            return True
+        if listed is not None:
+            doc.fail(
+                step,
+                f"{shown} answered GET with HTTP {status}; the discovery document names "
+                f"{sanitize_server_text(redact_url(listed), limit=200)} as token_endpoint",
+                "use that URL as the token URL",
+            )
+            return False
         doc.fail(
             step,
-            f"{shown} answered GET with HTTP {status}: there is nothing at this path",
+            f"{shown} answered GET with HTTP {status} and the discovery document does not name it",
             "check the token URL (the authorization server's discovery document names it as "
             "token_endpoint)",
         )
@@ -412,6 +426,33 @@ def _reachable(doc: Doctor, client: httpx.Client, token_url: str) -> bool:
     return True
 
 
+def _discovered_token_endpoint(client: httpx.Client, token_url: str) -> str | None:
+    """``token_endpoint`` of the server's discovery document, or None without one."""
+    metadata = _discovery_document(client, token_url)
+    value = metadata[1].get("token_endpoint") if metadata is not None else None
+    return value if isinstance(value, str) else None
+
+
+def _discovery_document(client: httpx.Client, token_url: str) -> tuple[str, dict[str, Any]] | None:
+    """The first discovery document found (URL, metadata), or None."""
+    import httpx
+
+    for url in _well_known_urls(token_url):
+        try:
+            response = client.get(url)
+        except httpx.HTTPError:
+            continue
+        if response.status_code != 200:
+            continue
+        try:
+            metadata = response.json()
+        except ValueError:
+            continue
+        if isinstance(metadata, dict):
+            return url, metadata
+    return None
+
+
 def _well_known_urls(token_url: str) -> list[str]:
     parts = urlsplit(token_url)
     # The host without user info: discovery documents are public (RFC 8414 §3).
@@ -424,22 +465,11 @@ def _well_known_urls(token_url: str) -> list[str]:
 
 
 def _discovery(doc: Doctor, client: httpx.Client, token_url: str) -> None:
-    import httpx
 
     step = "discovery advertises ES256"
-    for url in _well_known_urls(token_url):
-        try:
-            response = client.get(url)
-        except httpx.HTTPError:
-            continue
-        if response.status_code != 200:
-            continue
-        try:
-            metadata = response.json()
-        except ValueError:
-            continue
-        if not isinstance(metadata, dict):
-            continue
+    found = _discovery_document(client, token_url)
+    if found is not None:
+        url, metadata = found
         algs = metadata.get("dpop_signing_alg_values_supported")
         if isinstance(algs, list) and "ES256" in algs:
             doc.ok(step, f"dpop_signing_alg_values_supported lists ES256 ({redact_url(url)})")

@@ -1,4 +1,4 @@
-"""Public EC JWKs, RFC 7638 thumbprints, base64url, and the r||s <-> DER boundary.
+"""Public EC JWKs, RFC 7638 thumbprints, and the r||s <-> DER boundary.
 
 Everything here is pure and key-free: it turns public key points into the JWK that a DPoP proof
 carries in its header (RFC 9449 §4.2), computes the thumbprint an authorization server binds a
@@ -12,7 +12,6 @@ JWS form (RFC 7518 §3.4) and the DER form that ``cryptography`` speaks.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from dpop_signer.errors import SigningFailedError, UnsupportedKeyError
+from dpop_signer.jose import b64url_decode, b64url_encode  # public here since before jose.py
 
 __all__ = [
     "COORDINATE_SIZE",
@@ -51,18 +51,6 @@ class EcPublicJwk(TypedDict):
     crv: str
     x: str
     y: str
-
-
-def b64url_encode(data: bytes) -> str:
-    """Base64url without padding (RFC 7515 §2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    """Decode base64url with or without padding; raises `ValueError` on bad input."""
-    if not isinstance(text, str) or any(c in text for c in "+/= \n"):
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def ec_public_jwk(point: bytes) -> EcPublicJwk:

@@ -26,7 +26,8 @@ from collections.abc import Mapping
 import httpx
 
 from dpop_signer.errors import ConfigError, ProofError
-from dpop_signer.proof import is_nonce, origin_of
+from dpop_signer.jose import is_nonce
+from dpop_signer.urls import origin_of
 
 __all__ = ["NonceCache"]
 

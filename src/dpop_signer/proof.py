@@ -13,14 +13,12 @@ signature plus a few microseconds, which is why this is not built on a general J
 >>> proof = builder.build("GET", "https://api.example/v1/things?page=2", access_token=token)
 ... # doctest: +SKIP
 
-`normalize_htu` is the one place where a request URL becomes an ``htu`` (§4.2, §4.3 check 9):
-scheme and host in lower case, default port dropped, no query or fragment, and the path
-byte-for-byte as httpx puts it on the wire (percent-encoding kept, never decoded).
+The ``htu`` of a request URL is `dpop_signer.urls.normalize_htu` (re-exported here, as are
+`is_nonce` from `dpop_signer.jose` and `origin_of`).
 """
 
 from __future__ import annotations
 
-import binascii
 import functools
 import hashlib
 import json
@@ -33,8 +31,13 @@ from typing import NamedTuple
 import httpx
 
 from dpop_signer.errors import ProofError
+from dpop_signer.jose import TOKEN, TOKEN68, b64url_bytes, b64url_encode, is_nonce
 from dpop_signer.jwk import SIGNATURE_SIZE, jwk_thumbprint
 from dpop_signer.signers.base import Signer, check_signature, sign_async
+
+# Re-exported: these were defined here before `dpop_signer.urls` and `dpop_signer.jose` held
+# them, and `from dpop_signer.proof import normalize_htu` is public.
+from dpop_signer.urls import normalize_htu, origin_of
 
 __all__ = [
     "DPoPProofBuilder",
@@ -47,28 +50,10 @@ __all__ = [
     "origin_of",
 ]
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 token (a method)
-_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 9110 §11.2 token68 (an access token)
-_NQCHAR = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")  # RFC 9449 §8.1: nonce = 1*NQCHAR
 _JSON_SAFE = re.compile(r"[\x20\x21\x23-\x5B\x5D-\x7E]*")  # printable ASCII minus " and \
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _COMMON_METHODS = frozenset(
     {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "CONNECT"}
 )
-
-
-_URLSAFE = bytes.maketrans(b"+/", b"-_")
-
-
-def _b64url(data: bytes) -> str:
-    # base64.urlsafe_b64encode minus two layers of Python calls.
-    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
-
-
-def _b64url_bytes(data: bytes) -> bytes:
-    # The proof is assembled as bytes (what the signer needs) and decoded to str once.
-    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
-
 
 _JTI_BYTES = 16
 _JTI_BATCH = 64
@@ -93,19 +78,10 @@ def default_jti() -> str:
 
 def _refill_jtis() -> str:
     raw = os.urandom(_JTI_BYTES * _JTI_BATCH)
-    b2a = binascii.b2a_base64
-    jtis = [
-        b2a(raw[i : i + _JTI_BYTES], newline=False).translate(_URLSAFE).rstrip(b"=").decode()
-        for i in range(0, len(raw), _JTI_BYTES)
-    ]
+    jtis = [b64url_encode(raw[i : i + _JTI_BYTES]) for i in range(0, len(raw), _JTI_BYTES)]
     jti = jtis.pop()
     _jti_pool.extend(jtis)
     return jti
-
-
-def is_nonce(value: object) -> bool:
-    """True when ``value`` is a syntactically valid DPoP nonce (``1*NQCHAR``, RFC 9449 §8.1)."""
-    return isinstance(value, str) and _NQCHAR.fullmatch(value) is not None
 
 
 def access_token_hash(token: str) -> str:
@@ -115,112 +91,12 @@ def access_token_hash(token: str) -> str:
         ProofError: ``token`` is not an RFC 9110 token68 (what an ``Authorization`` header can
             carry).
     """
-    if not isinstance(token, str) or _TOKEN68.fullmatch(token) is None:
+    if not isinstance(token, str) or TOKEN68.fullmatch(token) is None:
         raise ProofError(
             "access token is not a token68 string (RFC 9110 §11.2) and cannot be sent in an "
             "Authorization header; check what the token endpoint returned"
         )
-    return _b64url(hashlib.sha256(token.encode("ascii")).digest())
-
-
-class _UrlParts(NamedTuple):
-    scheme: str
-    host: str  # lower case, IPv6 literals in brackets, IDNA in its ASCII (xn--) form
-    port: int | None  # None for the scheme's default port
-    path: bytes  # as on the wire, without the query
-
-
-def _url_parts(url: str | httpx.URL) -> _UrlParts:
-    if isinstance(url, str):
-        return _parse_str(url)
-    if isinstance(url, httpx.URL):
-        return _parts_of(url, url)
-    raise ProofError(f"htu must be a str or httpx.URL, not {type(url).__name__}")
-
-
-@functools.lru_cache(maxsize=512)
-def _parse_str(url: str) -> _UrlParts:
-    # Parsing a URL costs ~12 µs, a cache hit ~0.1 µs: callers sign the same few URLs again
-    # and again. Errors are not cached, so a bad URL costs its parse each time.
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise ProofError(f"htu {_shown(url)} is not a valid URL: {exc}") from exc
-    return _parts_of(parsed, url)
-
-
-def _parts_of(url: httpx.URL, shown: str | httpx.URL) -> _UrlParts:
-    scheme = url.scheme
-    if scheme not in _DEFAULT_PORTS:
-        raise ProofError(
-            f"htu {_shown(shown)} is not an absolute http(s) URL; DPoP proofs name the full "
-            "request URL, e.g. https://api.example/v1/things"
-        )
-    try:
-        host = url.raw_host.decode("ascii").lower()
-    except UnicodeDecodeError as exc:  # pragma: no cover - httpx always IDNA-encodes
-        raise ProofError(f"htu {_shown(shown)} has a host that is not ASCII") from exc
-    if not host:
-        raise ProofError(f"htu {_shown(shown)} has no host")
-    if ":" in host:
-        host = f"[{host}]"  # RFC 3986 §3.2.2: an IPv6 literal is written in brackets
-    port = url.port
-    if port == _DEFAULT_PORTS[scheme]:
-        # httpx drops an explicit default port itself, but not when the scheme was upper case.
-        port = None
-    return _UrlParts(scheme, host, port, url.raw_path.partition(b"?")[0] or b"/")
-
-
-def normalize_htu(url: str | httpx.URL) -> str:
-    """The ``htu`` claim for a request to ``url`` (RFC 9449 §4.2, §4.3 check 9).
-
-    Scheme and host are lower-cased (RFC 3986 §6.2.2.1), the scheme's default port is dropped
-    (§6.2.3), query and fragment are removed, user info is dropped (it is not part of the
-    target URI, RFC 9110 §7.1), IPv6 hosts keep their brackets and international hosts take
-    their ASCII (``xn--``) form. The path is exactly what httpx sends on the wire: percent-
-    encoding is kept as it is, never decoded, so ``/a%2Fb`` stays ``/a%2Fb``.
-
-    >>> normalize_htu("HTTPS://API.Example.com:443/a%2Fb?x=1#top")
-    'https://api.example.com/a%2Fb'
-
-    Raises:
-        ProofError: ``url`` is not an absolute ``http`` or ``https`` URL with a host.
-    """
-    if type(url) is httpx.URL:
-        # httpx makes a new URL object per request, so it cannot be a cache key itself; the
-        # four parts an htu is made of are cheap to read (~0.4 µs against ~1.3 µs to build).
-        key = (url.scheme, url.raw_host, url.port, url.raw_path.partition(b"?")[0])
-        htu = _HTU_OF_URL_PARTS.get(key)
-        if htu is None:
-            htu = _normalize(url)
-            if len(_HTU_OF_URL_PARTS) >= _HTU_CACHE_SIZE:
-                _HTU_OF_URL_PARTS.clear()
-            _HTU_OF_URL_PARTS[key] = htu
-        return htu
-    return _normalize(url)
-
-
-_HTU_CACHE_SIZE = 512
-_HTU_OF_URL_PARTS: dict[tuple[str, bytes, int | None, bytes], str] = {}
-
-
-def _normalize(url: str | httpx.URL) -> str:
-    scheme, host, port, path = _url_parts(url)
-    netloc = host if port is None else f"{host}:{port}"
-    return f"{scheme}://{netloc}{path.decode('ascii')}"
-
-
-def origin_of(url: str | httpx.URL) -> str:
-    """``scheme://host:port`` of ``url``, always with the port: the key of a nonce (§8, §9).
-
-    >>> origin_of("https://API.example/x?y")
-    'https://api.example:443'
-
-    Raises:
-        ProofError: ``url`` is not an absolute ``http`` or ``https`` URL with a host.
-    """
-    scheme, host, port, _ = _url_parts(url)
-    return f"{scheme}://{host}:{_DEFAULT_PORTS[scheme] if port is None else port}"
+    return b64url_encode(hashlib.sha256(token.encode("ascii")).digest())
 
 
 def _htu_json(url: str | httpx.URL) -> str:
@@ -243,12 +119,6 @@ def _json_string(text: str) -> str:
     return json.dumps(text)
 
 
-def _shown(value: str | httpx.URL) -> str:
-    # A URL in an error message: its query may hold secrets (api_key=...), so it is cut off.
-    head = str(value).split("?", 1)[0].split("#", 1)[0]
-    return repr(head if len(head) <= 200 else head[:200] + "...")
-
-
 def compact_jws(signing_input: str, signature: bytes, *, source: str = "signer") -> str:
     """Join a JWS signing input and its 64-byte ES256 signature into compact form (RFC 7515).
 
@@ -257,7 +127,7 @@ def compact_jws(signing_input: str, signature: bytes, *, source: str = "signer")
     """
     if len(signature) != SIGNATURE_SIZE:
         check_signature(signature, source=source)
-    return f"{signing_input}.{_b64url(signature)}"
+    return f"{signing_input}.{b64url_encode(signature)}"
 
 
 class PreparedProof(NamedTuple):
@@ -299,7 +169,7 @@ class DPoPProofBuilder:
         jwk = dict(signer.public_jwk)
         header = {"typ": "dpop+jwt", "alg": signer.algorithm, "jwk": jwk}
         self._prefix = (
-            _b64url_bytes(json.dumps(header, separators=(",", ":")).encode("utf-8")) + b"."
+            b64url_bytes(json.dumps(header, separators=(",", ":")).encode("utf-8")) + b"."
         )
         self._jkt = jwk_thumbprint(jwk)
         self._source = f"signer {type(signer).__name__}"
@@ -382,7 +252,7 @@ class DPoPProofBuilder:
         # `compact_jws` for the bytes the hot path already has: no str round trip.
         if len(signature) != SIGNATURE_SIZE:
             check_signature(signature, source=self._source)
-        return b".".join((message, _b64url_bytes(signature))).decode("ascii")
+        return b".".join((message, b64url_bytes(signature))).decode("ascii")
 
     def _message(
         self,
@@ -396,7 +266,7 @@ class DPoPProofBuilder:
         # per proof, so the common cases (a common method, a str URL seen before, the default
         # jti, the same token as last time) take the shortest path.
         if (type(htm) is not str or htm not in _COMMON_METHODS) and (
-            not isinstance(htm, str) or _TOKEN.fullmatch(htm) is None
+            not isinstance(htm, str) or TOKEN.fullmatch(htm) is None
         ):
             raise ProofError(
                 f"htm {htm!r} is not an HTTP method (an RFC 9110 token such as GET or POST)"
@@ -428,7 +298,7 @@ class DPoPProofBuilder:
                 "nonce is not a valid DPoP nonce (RFC 9449 §8.1: 1*NQCHAR, printable ASCII "
                 "without space, quote or backslash)"
             )
-        return self._prefix + _b64url_bytes(claims.encode("ascii"))
+        return self._prefix + b64url_bytes(claims.encode("ascii"))
 
     def __repr__(self) -> str:
         return f"DPoPProofBuilder(jkt={self._jkt!r}, clock_offset={self.clock_offset:+.1f})"

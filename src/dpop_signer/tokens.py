@@ -1,8 +1,11 @@
 """The OAuth 2.0 client_credentials grant (RFC 6749 §4.4) with a DPoP proof on every request.
 
 `ClientCredentialsTokenSource` knows how to ask for a token and how to read the answer; it does
-no I/O itself. `dpop_signer.DPoPAuth` sends what it builds through the application's own httpx
-client, caches the `AccessToken` and renews it.
+no I/O itself. `TokenCache` holds the current `AccessToken` (a `CachedToken`, bound to the key
+whose proofs it goes with), when to renew it, and the outcome of the last fetch with its
+backoff. `dpop_signer.flow` decides when to fetch; the drivers (`dpop_signer.DPoPAuth`,
+`dpop_signer.requests`, `dpop_signer.aiohttp`) send what it builds through the application's
+own HTTP client.
 
 Client authentication (RFC 6749 §2.3, RFC 7523, OpenID Connect Core §9):
 
@@ -29,9 +32,11 @@ import base64
 import json
 import logging
 import math
-import re
-from collections.abc import Mapping, Sequence
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal, get_args
 from urllib.parse import quote_plus, urlencode
 
@@ -41,20 +46,27 @@ from dpop_signer import __version__
 from dpop_signer.errors import (
     ConfigError,
     InvalidTokenResponseError,
+    OAuthError,
     ProofError,
     ServerUnreachableError,
     TokenEndpointError,
 )
-from dpop_signer.proof import compact_jws, default_jti, normalize_htu
+from dpop_signer.jose import b64url_json, is_token68
+from dpop_signer.proof import DPoPProofBuilder, compact_jws, default_jti
 from dpop_signer.redaction import Redactor, redact_url
 from dpop_signer.signers.base import Signer
+from dpop_signer.urls import is_loopback, normalize_htu
 
 __all__ = [
     "CLIENT_ASSERTION_TYPE",
     "USER_AGENT",
     "AccessToken",
+    "CachedToken",
     "ClientAuth",
     "ClientCredentialsTokenSource",
+    "FetchFailure",
+    "TokenCache",
+    "retry_after_seconds",
 ]
 
 logger = logging.getLogger("dpop_signer")
@@ -68,8 +80,6 @@ CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 USER_AGENT = f"dpop-signer/{__version__}"
 """The ``User-Agent`` of token requests and of the CLI's HTTP clients: servers' logs can tell
 dpop-signer apart from other clients (RFC 9110 §10.1.5)."""
-
-_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 9110 §11.2
 
 # What to do about the common RFC 6749 §5.2 error codes, for one-line messages that help.
 _HINTS = {
@@ -202,7 +212,7 @@ class ClientCredentialsTokenSource:
         self._assertion_lifetime = assertion_lifetime
         # A password in the token URL's user info is a credential the server may echo too.
         self._redact = Redactor([client_secret, httpx.URL(token_url).password], client_id=client_id)
-        if httpx.URL(token_url).scheme == "http" and not _is_loopback(token_url):
+        if httpx.URL(token_url).scheme == "http" and not is_loopback(token_url):
             logger.warning(
                 "token URL %s uses plain http: client credentials travel unencrypted", self._htu
             )
@@ -260,7 +270,7 @@ class ClientCredentialsTokenSource:
             "iat": iat,
             "exp": iat + int(self._assertion_lifetime),
         }
-        return f"{_b64json(header)}.{_b64json(claims)}"
+        return f"{b64url_json(header)}.{b64url_json(claims)}"
 
     @staticmethod
     def finish_assertion(signing_input: str, signature: bytes) -> str:
@@ -378,7 +388,7 @@ class ClientCredentialsTokenSource:
         value = body.get("access_token")
         if not isinstance(value, str) or not value:
             raise InvalidTokenResponseError(f"{where} sent no access_token (RFC 6749 §5.1)")
-        if _TOKEN68.fullmatch(value) is None:
+        if not is_token68(value):
             raise InvalidTokenResponseError(
                 f"{where} sent an access_token that is not token68 (RFC 9110 §11.2), so it "
                 "cannot go into an Authorization header"
@@ -433,11 +443,6 @@ def _basic(client_id: str, secret: str) -> str:
     return "Basic " + base64.b64encode(pair.encode("ascii")).decode("ascii")
 
 
-def _b64json(value: Mapping[str, Any]) -> str:
-    data = json.dumps(value, separators=(",", ":")).encode("utf-8")
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     try:
         body = json.loads(response.content)
@@ -446,6 +451,173 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _is_loopback(url: str) -> bool:
-    host = httpx.URL(url).host
-    return host in ("localhost", "::1") or host.startswith("127.")
+# --- the token cache ---------------------------------------------------------------------
+
+_BACKOFF_FIRST = 1.0
+"""Seconds before the token endpoint is asked again after one failed fetch (before jitter)."""
+_BACKOFF_CAP = 60.0
+"""The backoff doubles with each failed fetch in a row up to this many seconds."""
+_RETRY_AFTER_CAP = 300.0
+"""A server's ``Retry-After`` is honoured up to this many seconds (a longer one is a typo or
+hostile; five minutes without a token is already an outage)."""
+_EXPIRY_MARGIN = 1.0
+"""A token is not sent in its last second (at most a quarter of its lifetime): it would expire
+on the way or in the server's queue."""
+
+_random = random.SystemRandom()
+
+
+@dataclass(frozen=True)
+class CachedToken:
+    """A token with the key it is bound to and its schedule (client clock throughout)."""
+
+    token: AccessToken
+    proofs: DPoPProofBuilder
+    """The builder of the key the token was fetched with: its proofs, and only its, go with it
+    (the server bound the token to that key's thumbprint, ``cnf.jkt``, RFC 9449 §6.1)."""
+    renew_at: float | None  # None: no expiry known, renewed only on 401
+    expire_at: float | None  # from then on the token is not sent any more
+    authorization: str  # the Authorization header value, built once per token
+
+
+@dataclass(frozen=True)
+class FetchFailure:
+    """The outcome of the last token fetch when it failed: shared by everyone who waited."""
+
+    error: OAuthError
+    count: int  # failed fetches in a row
+    retry_at: float  # client clock: no token request before this
+
+
+class TokenCache:
+    """The current token, when it is due, and the backoff after failed fetches.
+
+    Written only by the one flow that holds the fetch lock (`dpop_signer.flow`); read by every
+    request without a lock: each attribute is replaced whole, never mutated.
+
+    Args:
+        clock: Seconds since the epoch.
+        leeway: Renew this many seconds before expiry (at most half the token's lifetime).
+    """
+
+    def __init__(self, clock: Callable[[], float], leeway: float) -> None:
+        self._clock = clock
+        self._leeway = leeway
+        self.entry: CachedToken | None = None
+        self.failure: FetchFailure | None = None
+        self.fetches = 0  # finished fetches, failed or not: tells a waiter its fetch is done
+
+    def store(self, token: AccessToken, proofs: DPoPProofBuilder, now: float) -> CachedToken:
+        """Cache ``token``, fetched with ``proofs``'s key at ``now``; clears the failure."""
+        renew_at = expire_at = None
+        if token.expires_at is not None:
+            lifetime = token.expires_at - now
+            expire_at = token.expires_at - min(_EXPIRY_MARGIN, lifetime / 4)
+            renew_at = min(expire_at, token.expires_at - min(self._leeway, lifetime / 2))
+        entry = CachedToken(token, proofs, renew_at, expire_at, f"{token.scheme} {token.value}")
+        self.entry = entry
+        self.failure = None
+        self.fetches += 1
+        return entry
+
+    def fresh(self, proofs: DPoPProofBuilder, rejected: CachedToken | None) -> CachedToken | None:
+        """The token of ``proofs``'s key if it is not due for renewal (and not ``rejected``)."""
+        entry = self.entry
+        if entry is None or entry is rejected or entry.proofs is not proofs:
+            return None
+        if entry.renew_at is not None and self._clock() >= entry.renew_at:
+            return None
+        return entry
+
+    def usable(self, proofs: DPoPProofBuilder, rejected: CachedToken | None) -> CachedToken | None:
+        """The token of ``proofs``'s key if it can still be sent, due for renewal or not."""
+        entry = self.entry
+        if entry is None or entry is rejected or entry.proofs is not proofs:
+            return None
+        if entry.expire_at is not None and self._clock() >= entry.expire_at:
+            return None
+        return entry
+
+    def backing_off(self) -> bool:
+        """True while no token request may be sent after a failure."""
+        failure = self.failure
+        return failure is not None and self._clock() < failure.retry_at
+
+    def raise_while_backing_off(self) -> None:
+        """Raise the last failure again (a new instance, `shared`) while backing off."""
+        failure = self.failure
+        if failure is not None and self._clock() < failure.retry_at:
+            raise self.shared(failure)
+
+    def shared(self, failure: FetchFailure) -> OAuthError:
+        """A new error like ``failure.error`` for one more caller (one instance per raise)."""
+        wait = max(0.0, failure.retry_at - self._clock())
+        original = failure.error
+        message = (
+            f"{original.message} (the token request this waited for failed)"
+            if wait <= 0
+            else f"{original.message} (the last token request failed; {failure.count} in a "
+            f"row; the next is sent in {wait:.1f} s at the earliest)"
+        )
+        error: OAuthError
+        if isinstance(original, TokenEndpointError):
+            error = TokenEndpointError(
+                message,
+                error=original.error,
+                error_description=original.error_description,
+                status=original.status,
+            )
+        else:
+            error = type(original)(message)
+        error.retry_after = wait if original.retry_after is not None else None
+        error.__cause__ = original
+        return error
+
+    def failed(self, error: OAuthError, where: str) -> None:
+        """Record a failed fetch: shared with the waiters, backed off if the server is down."""
+        previous = self.failure
+        count = 1 if previous is None else previous.count + 1
+        hint = error.retry_after  # the server's Retry-After (see retry_after_seconds)
+        delay = 0.0
+        if hint is not None or _unavailable(error):
+            # Exponential backoff with "equal jitter": half the ceiling plus up to half at
+            # random, so that clients that failed together do not come back together.
+            ceiling = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2.0 ** min(count - 1, 16))
+            delay = ceiling / 2 + _random.uniform(0.0, ceiling / 2)
+            if hint is not None:
+                delay = max(delay, min(hint, _RETRY_AFTER_CAP))
+            error.retry_after = delay
+        # A refusal (bad credentials, a nonce or clock problem) is shared with the requests
+        # that waited for this fetch but not backed off: the next attempt carries what this
+        # one taught (nonce, clock offset), and asking again is how such errors clear.
+        self.failure = FetchFailure(error, count, self._clock() + delay)
+        self.fetches += 1
+        logger.warning(
+            "token request to %s failed (%d in a row); the next one in %.1f s at the earliest",
+            where, count, delay,
+        )  # fmt: skip
+
+    def clear(self) -> None:
+        """Forget the token (the failure and its backoff stay: they are the server's)."""
+        self.entry = None
+
+
+def _unavailable(error: OAuthError) -> bool:
+    """True if ``error`` says the token endpoint is down or overloaded: worth backing off."""
+    if isinstance(error, ServerUnreachableError):  # transport error, timeout, bare 5xx
+        return True
+    return isinstance(error, TokenEndpointError) and (error.status == 429 or error.status >= 500)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header value (RFC 9110 §10.2.3), or None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():  # delay-seconds = 1*DIGIT
+        return float(min(int(value[:9]), 10**8))
+    try:
+        seconds = parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, seconds)

@@ -40,11 +40,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from dpop_signer.errors import VerificationError
+from dpop_signer.jose import b64url_decode, b64url_encode, b64url_json, is_nonce, peek_claims
 from dpop_signer.jwk import (
     COORDINATE_SIZE,
     SIGNATURE_SIZE,
-    b64url_decode,
-    b64url_encode,
     jwk_thumbprint,
     raw_to_der_signature,
 )
@@ -83,7 +82,6 @@ MAX_JTI_LENGTH = 256
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 # RFC 7517 §9.2 / RFC 7518 §6: members that only a private (or symmetric) JWK has.
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-_NQCHAR = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")  # RFC 9449 §8.1: nonce = 1*NQCHAR
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -280,7 +278,7 @@ def verify_proof_details(
         presented = claims.get("nonce")
         if presented is None:
             raise fail("has no nonce claim but the server requires one", USE_DPOP_NONCE)
-        if not isinstance(presented, str) or not _NQCHAR.match(presented):
+        if not is_nonce(presented):
             raise fail("nonce claim is not a string of NQCHAR (RFC 9449 §8.1)")
         if presented not in accepted:
             raise fail(
@@ -385,7 +383,7 @@ def issue_access_token(
     }
     if scope:
         claims["scope"] = scope
-    signing_input = f"{_b64json(header)}.{_b64json(claims)}".encode("ascii")
+    signing_input = f"{b64url_json(header)}.{b64url_json(claims)}".encode("ascii")
     return f"{signing_input.decode('ascii')}.{b64url_encode(signer.sign(signing_input))}"
 
 
@@ -441,14 +439,7 @@ def access_token_claims_unverified(token: str) -> dict[str, Any] | None:
     For records and logs only (e.g. to know which ``cnf.jkt`` a rejected token carried); never
     base a decision on it.
     """
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        claims = json.loads(b64url_decode(parts[1]))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return claims if isinstance(claims, dict) else None
+    return peek_claims(token)
 
 
 # --- client assertions (RFC 7523 §3, private_key_jwt) ---------------------------------------
@@ -601,10 +592,6 @@ def _p256_public_key(x: str, y: str) -> ec.EllipticCurvePublicKey:
 def _ath(access_token: str) -> str:
     """RFC 9449 §4.2: base64url(SHA-256(ASCII(access token)))."""
     return b64url_encode(hashlib.sha256(access_token.encode("ascii")).digest())
-
-
-def _b64json(value: Mapping[str, Any]) -> str:
-    return b64url_encode(json.dumps(value, separators=(",", ":")).encode("utf-8"))
 
 
 def _shown(value: object) -> str:

@@ -33,8 +33,6 @@ from dpop_signer.cli_options import (
     settings_from_context,
 )
 from dpop_signer.errors import ConfigError
-from dpop_signer.tls import ssl_context
-from dpop_signer.tokens import USER_AGENT
 
 if TYPE_CHECKING:
     from dpop_signer.config import Settings
@@ -259,6 +257,8 @@ def serve(
         from dpop_signer.service.reload import Reloader
         from dpop_signer.service.runner import ConnectionLimits, serve_app
         from dpop_signer.service.workers import SharedMetrics
+        from dpop_signer.tls import ssl_context
+        from dpop_signer.tokens import USER_AGENT
 
         metrics = Metrics()
         bundle = _open_key(settings, metrics)
@@ -421,6 +421,8 @@ def proxy(
         from dpop_signer.service.proxy import ProxyState, ReplayBudget, create_proxy_app
         from dpop_signer.service.reload import Reloader
         from dpop_signer.service.runner import ConnectionLimits, serve_app
+        from dpop_signer.tls import ssl_context
+        from dpop_signer.tokens import USER_AGENT
 
         metrics = Metrics()
         bundle = _open_key(settings, metrics)

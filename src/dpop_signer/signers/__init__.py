@@ -22,6 +22,7 @@ from dpop_signer.signers.base import (
     sign_async,
 )
 from dpop_signer.signers.pem import PemSigner, generate_pem_key
+from dpop_signer.signers.pin import resolve_pin
 
 if TYPE_CHECKING:
     from dpop_signer.signers.pkcs11 import Pkcs11Signer
@@ -64,7 +65,7 @@ def load_signer(ref: str, *, pin: str | None = None, sign_timeout: float | None 
         from dpop_signer.signers.pkcs11 import open_pkcs11_signer
 
         return open_pkcs11_signer(ref, pin=pin, sign_timeout=sign_timeout)
-    return PemSigner.from_file(ref, pin=_env_pin(pin))
+    return PemSigner.from_file(ref, pin=resolve_pin(ref, pin))
 
 
 def generate_key(ref: str, *, pin: str | None = None) -> Signer:
@@ -79,12 +80,6 @@ def generate_key(ref: str, *, pin: str | None = None) -> Signer:
 
         return generate_pkcs11_key(ref, pin=pin)
     return generate_pem_key(ref, pin=pin)
-
-
-def _env_pin(pin: str | None) -> str | None:
-    import os
-
-    return pin if pin is not None else os.environ.get("DPOP_PIN")
 
 
 def __getattr__(name: str) -> object:

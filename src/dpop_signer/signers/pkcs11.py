@@ -46,6 +46,7 @@ from dpop_signer.errors import (
 from dpop_signer.jwk import SIGNATURE_SIZE, EcPublicJwk, ec_public_jwk
 from dpop_signer.signers import pkcs11_library
 from dpop_signer.signers.base import ALGORITHM, check_signature
+from dpop_signer.signers.pin import resolve_pin
 from dpop_signer.signers.pkcs11_errors import ckr, forked_error, recoverable
 from dpop_signer.signers.pkcs11_keys import (
     attribute,
@@ -63,7 +64,6 @@ from dpop_signer.signers.pkcs11_uri import (
     Pkcs11Uri,
     parse_pkcs11_uri,
     resolve_module,
-    resolve_pin,
 )
 
 __all__ = [

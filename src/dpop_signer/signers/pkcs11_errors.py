@@ -67,8 +67,7 @@ def yubihsm_hint(path: str) -> str:
 def missing_pin(label: str) -> PinError:
     """The token needs a login and no PIN was given."""
     return PinError(
-        f"token {label!r} needs a PIN: pass pin=, or add "
-        "pin-source=file:/path/to/pin to the URI"
+        f"token {label!r} needs a PIN: pass pin=, or add pin-source=file:/path/to/pin to the URI"
     )
 
 

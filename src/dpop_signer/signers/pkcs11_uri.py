@@ -16,24 +16,20 @@ import glob
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
-from dpop_signer.errors import ConfigError, PinError, SignerUnavailableError
+from dpop_signer.errors import ConfigError, SignerUnavailableError
 from dpop_signer.redaction import SECRET_MARK
 
 __all__ = [
     "MODULE_ENV",
-    "PIN_ENV",
     "SOFTHSM2_MODULE_CANDIDATES",
     "Pkcs11Uri",
     "find_softhsm2_module",
     "parse_pkcs11_uri",
     "resolve_module",
-    "resolve_pin",
 ]
 
-PIN_ENV = "DPOP_PIN"
 """Environment variable holding the token PIN when neither the caller nor the URI gives one."""
 
 MODULE_ENV = "DPOP_PKCS11_MODULE"
@@ -220,52 +216,6 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
         pin_source=text("pin-source"),
         sessions=int(sessions) if sessions is not None else None,
     )
-
-
-def _read_pin_source(source: str) -> str:
-    if source.startswith("file://"):
-        # file:///run/pin and file://localhost/run/pin (RFC 8089); other hosts are not files.
-        host, slash, rest = source[7:].partition("/")
-        if host not in ("", "localhost") or not slash:
-            raise ConfigError(f"pin-source={source} names a remote file; use file:/absolute/path")
-        path = "/" + rest
-    elif source.startswith("file:"):
-        path = source[5:]
-    elif source.startswith("/"):
-        path = source
-    else:
-        raise ConfigError(
-            f"pin-source={source} is not supported; use pin-source=file:/path/to/pin-file"
-        )
-    try:
-        data = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise PinError(f"PIN file {path} (pin-source) does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PinError(f"PIN file {path} (pin-source) cannot be read as UTF-8 text") from exc
-    # A PIN file usually ends with the newline an editor or `echo` added; it is not the PIN.
-    return data.removesuffix("\n").removesuffix("\r")
-
-
-def resolve_pin(
-    uri: Pkcs11Uri, pin: str | None, *, environ: dict[str, str] | None = None
-) -> str | None:
-    """The PIN to log in with: ``pin``, then ``pin-value``/``pin-source``, then ``DPOP_PIN``.
-
-    Returns None when none of them gives one; the caller decides whether the token needs it.
-
-    Raises:
-        ConfigError: ``pin-source`` is not a local file.
-        PinError: the ``pin-source`` file is missing or unreadable.
-    """
-    if pin is not None:
-        return pin
-    if uri.pin_value is not None:
-        return uri.pin_value
-    if uri.pin_source is not None:
-        return _read_pin_source(uri.pin_source)
-    env = os.environ if environ is None else environ
-    return env.get(PIN_ENV)
 
 
 def find_softhsm2_module() -> str | None:

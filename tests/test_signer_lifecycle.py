@@ -178,7 +178,9 @@ except KeyNotFoundError as exc:
     errors.append(exc.message)
 after_first = searches()
 started = time.monotonic()
-for _ in range(30):  # 0.3 s, inside the first 1 s back-off
+for _ in range(30):  # inside the first 1 s back-off: stop at 0.8 s on a slow machine
+    if time.monotonic() - started > 0.8:
+        break
     try:
         signer.sign(b"x")
     except KeyNotFoundError:
@@ -205,7 +207,9 @@ def test_a_deleted_key_is_reported_and_not_searched_for_on_every_signature(
     )
     result = json.loads(out)
     assert "does not exist" in result["errors"][0]
-    assert result["errors"][1:] == ["again"] * 30
+    again = result["errors"][1:]
+    assert len(again) >= 5
+    assert again == ["again"] * len(again)
     assert result["extra_searches"] == 0
     assert result["seconds"] < 5.0
 
@@ -245,9 +249,14 @@ def test_a_stalled_module_fails_callers_at_the_deadline_and_resumes(
         with p11kit.stalled():
             thread = threading.Thread(target=inside_the_stall)
             thread.start()
-            time.sleep(0.2)  # the thread is inside C_Sign now; callers behind it must not queue
+            entered = time.monotonic()
+            while not signer.module.busy_since:  # the thread is inside C_Sign now
+                assert time.monotonic() - entered < 5.0
+                time.sleep(0.005)
             results = asyncio.run(callers())
-            assert signer.stalled
+            while not signer.stalled:  # older than the deadline: callers now fail at once
+                assert time.monotonic() - entered < deadline + 5.0
+                time.sleep(0.01)
             started = time.monotonic()
             with pytest.raises(SignerTimeoutError, match="did not answer within the signing"):
                 signer.sign(b"sync caller")

@@ -13,6 +13,11 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 INTEROP := tests/interop
 NODE_STAMP := $(INTEROP)/node_modules/.installed
+# authgent-server, the second independent authorization server of the interop tests, in a
+# virtualenv of its own: its web stack stays out of ours.
+AUTHGENT_VERSION := 0.3.4
+AUTHGENT_VENV := .venv-authgent
+AUTHGENT_STAMP := $(AUTHGENT_VENV)/.installed-$(AUTHGENT_VERSION)
 SOFTHSM_DIR := .softhsm
 BENCH_ARGS ?=
 export SOFTHSM2_CONF ?= $(CURDIR)/$(SOFTHSM_DIR)/softhsm2.conf
@@ -51,6 +56,13 @@ $(NODE_STAMP): $(INTEROP)/package.json $(INTEROP)/package-lock.json
 	cd $(INTEROP) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(NODE_STAMP)
 
+$(AUTHGENT_STAMP):
+	@echo "==> installing authgent-server $(AUTHGENT_VERSION) into $(AUTHGENT_VENV) (interop tests)"
+	rm -rf $(AUTHGENT_VENV)
+	$(PYTHON) -m venv $(AUTHGENT_VENV)
+	$(AUTHGENT_VENV)/bin/pip install -q --disable-pip-version-check 'authgent-server==$(AUTHGENT_VERSION)'
+	@touch $(AUTHGENT_STAMP)
+
 node-deps: $(NODE_STAMP)  ## oidc-provider and jose for the interop tests
 
 softhsm: install-package system-deps  ## repo-local development token .softhsm/ with a P-256 key (idempotent)
@@ -75,7 +87,7 @@ fmt: install  ## format and fix what ruff can
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
-test: install system-deps node-deps lint  ## everything: install, lint, type check, all tests
+test: install system-deps node-deps $(AUTHGENT_STAMP) lint  ## everything: install, lint, type check, all tests
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: install system-deps softhsm  ## benchmarks, one table (not part of make test; BENCHMARKS.md)

@@ -103,11 +103,17 @@ def test_rotate_switches_jkt_and_fetches_a_new_token(
         assert auth.token is None
         after = client.get(f"{local_servers.api_url}/b").json()["jkt"]
         headers = auth.headers(client, "GET", f"{local_servers.api_url}/c")
+        with_nonce = auth.headers(client, "GET", f"{local_servers.api_url}/d", nonce="n-1")
     assert before == jwk_thumbprint(first.public_jwk)
     assert after == jwk_thumbprint(second.public_jwk)
     assert oracle.thumbprint(header_of(headers["DPoP"])["jwk"]) == after
     token = headers["Authorization"].split(" ", 1)[1]
     assert claims_of(token)["cnf"]["jkt"] == after
+    # A caller's nonce goes into that proof only, with the same key and token.
+    assert claims_of(with_nonce["DPoP"])["nonce"] == "n-1"
+    assert with_nonce["Authorization"] == headers["Authorization"]
+    assert oracle.thumbprint(header_of(with_nonce["DPoP"])["jwk"]) == after
+    assert auth.nonces.get(local_servers.api_url) is None
     assert local_servers.authorization_server.token_requests == 2
     assert mismatches(local_servers) == 0
 

@@ -265,22 +265,28 @@ class DPoPAuth(httpx.Auth):
         )
         return entry.token
 
-    def headers(self, client: httpx.Client, htm: str, htu: str) -> dict[str, str]:
+    def headers(
+        self, client: httpx.Client, htm: str, htu: str, *, nonce: str | None = None
+    ) -> dict[str, str]:
         """``Authorization`` and ``DPoP`` headers for one request sent by someone else.
 
-        The proof has ``ath`` and the nonce known for ``htu``'s origin, and is signed with the
-        key of the token it goes with. Nonce challenges and 401s of that request are the
+        The proof has ``ath`` and the nonce known for ``htu``'s origin (or ``nonce``, used for
+        this proof only and not remembered), and is signed with the key of the token it goes
+        with, also across a `rotate`. Nonce challenges and 401s of that request are the
         caller's to handle (this is what ``dpop token`` and the service's ``/v1/headers`` use).
 
         Raises:
             ProofError: ``htm`` or ``htu`` is malformed.
             OAuthError: the token could not be obtained.
         """
-        return self._exchange(client, self._flow.headers_flow(htm, htu, client.timeout.as_dict()))
+        flow = self._flow.headers_flow(htm, htu, client.timeout.as_dict(), nonce)
+        return self._exchange(client, flow)
 
-    async def aheaders(self, client: httpx.AsyncClient, htm: str, htu: str) -> dict[str, str]:
+    async def aheaders(
+        self, client: httpx.AsyncClient, htm: str, htu: str, *, nonce: str | None = None
+    ) -> dict[str, str]:
         """`headers` for `httpx.AsyncClient`."""
-        flow = self._flow.headers_flow(htm, htu, client.timeout.as_dict())
+        flow = self._flow.headers_flow(htm, htu, client.timeout.as_dict(), nonce)
         headers: dict[str, str] = await self._aexchange(client, flow)
         return headers
 

@@ -406,9 +406,15 @@ class DPoPFlow:
                     )  # fmt: skip
                 return
 
-    def headers_flow(self, htm: str, htu: str, timeout: object) -> Flow[dict[str, str]]:
-        """``Authorization`` and ``DPoP`` headers for a request someone else sends."""
-        nonce = self.nonces.get(htu)
+    def headers_flow(
+        self, htm: str, htu: str, timeout: object, nonce: str | None = None
+    ) -> Flow[dict[str, str]]:
+        """``Authorization`` and ``DPoP`` headers for a request someone else sends.
+
+        ``nonce`` goes into this proof only; by default the nonce known for ``htu``'s origin.
+        """
+        if nonce is None:
+            nonce = self.nonces.get(htu)
         entry = self.cache.fresh(self.proofs, None)
         if entry is None:
             entry = yield from self.token_flow(None, timeout)

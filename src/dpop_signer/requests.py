@@ -147,9 +147,13 @@ class DPoPRequestsAuth(AuthBase):
             runner.close()
         raise AssertionError("a token flow sends no API request")  # pragma: no cover
 
-    def headers(self, htm: str, htu: str) -> dict[str, str]:
-        """``Authorization`` and ``DPoP`` headers for a request someone else sends."""
-        runner = drive_sync(self._flow.headers_flow(htm, htu, None), self._flow.sync_gate)
+    def headers(self, htm: str, htu: str, *, nonce: str | None = None) -> dict[str, str]:
+        """``Authorization`` and ``DPoP`` headers for a request someone else sends.
+
+        ``nonce`` goes into this proof only; by default the nonce known for ``htu``'s origin.
+        """
+        flow = self._flow.headers_flow(htm, htu, None, nonce)
+        runner = drive_sync(flow, self._flow.sync_gate)
         try:
             self._until_api(runner, next(runner))
         except StopIteration as stop:

@@ -94,4 +94,4 @@ bench: install system-deps softhsm  ## benchmarks, one table (not part of make t
 	@set -a; . $(SOFTHSM_DIR)/dev.env; set +a; $(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv, node_modules and the development token
-	rm -rf $(VENV) $(INTEROP)/node_modules $(SOFTHSM_DIR) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(AUTHGENT_VENV) $(INTEROP)/node_modules $(SOFTHSM_DIR) .mypy_cache .ruff_cache .pytest_cache

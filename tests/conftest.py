@@ -24,6 +24,7 @@ pytest_plugins = [
     "tests.servers_fixtures",
     "tests.tpm2_fixtures",
     "tests.redis_fixtures",
+    "tests.interop2_fixtures",
 ]
 
 IN_CI = bool(os.environ.get("CI"))

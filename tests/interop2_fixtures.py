@@ -1,4 +1,4 @@
-"""Fixtures for the second independent pair of servers: authgent-server and express-oauth2-jwt-bearer.
+"""Fixtures for the second independent server pair: authgent-server, express-oauth2-jwt-bearer.
 
 ``authgent_stack`` gives a test an authorization server and a resource server that share no code
 with dpop_signer nor with the first pair (oidc-provider and jose, tests/interop_fixtures.py):
@@ -71,7 +71,7 @@ Mode = str  # "plain" | "nonce"
 # INTEROP_READY_FD once uvicorn is listening (everything authgent prints goes to stderr), and
 # exits when stdin closes (the test runner died).
 _LAUNCHER = r"""
-import json, os, socket, sys, threading
+import json, os, socket, sys, threading, urllib.parse
 
 ready = os.fdopen(int(os.environ.pop("INTEROP_READY_FD")), "w")
 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -99,7 +99,8 @@ async def app(scope, receive, send):
     if scope["type"] != "http":
         return await inner(scope, receive, send)
     if scope["path"] == "/_interop/requests":
-        since = int(dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if "=" in p).get("since", 0))
+        query = urllib.parse.parse_qs(scope["query_string"].decode())
+        since = int(query.get("since", ["0"])[0])
         return await reply(send, 200, {"count": len(records), "requests": records[since:]})
     if scope["path"] != "/token":
         return await inner(scope, receive, send)
@@ -164,7 +165,7 @@ def _require_authgent() -> None:
 
 
 def _authgent_env(workdir: Path, *, require_nonce: bool) -> dict[str, str]:
-    """authgent's settings (AUTHGENT_*, its config.py): loopback only, nothing outbound."""
+    """The AS's settings (AUTHGENT_*, its config.py): loopback only, nothing outbound."""
     # Only what the process needs from ours: no proxies, no REDIS_URL (authgent reads it), no
     # DPOP_* settings.
     env = {k: v for k, v in os.environ.items() if k in {"PATH", "LANG", "LC_ALL", "TZ"}}
@@ -294,8 +295,10 @@ class Authgent:
     since: int = 0
 
     def requests(self) -> list[dict[str, Any]]:
-        """Token requests since this handle was made: method, url, dpop, status, error,
-        dpop_nonce, www_authenticate, token_type."""
+        """Token requests since this handle was made, oldest first.
+
+        Each: method, url, dpop, status, error, dpop_nonce, www_authenticate, token_type.
+        """
         seen = _get(f"{self.issuer}/_interop/requests?since={self.since}")["requests"]
         assert isinstance(seen, list)
         return seen
@@ -407,7 +410,9 @@ def authgent_stack(
             _authgent_servers[mode] = (as_process, rs_process)
         as_process, rs_process = _authgent_servers[mode]
         _check_alive(as_process.process.poll() is None, "authgent-server", as_process.stderr())
-        _check_alive(rs_process.process.poll() is None, "tests/interop/rs2.mjs", rs_process.stderr())
+        _check_alive(
+            rs_process.process.poll() is None, "tests/interop/rs2.mjs", rs_process.stderr()
+        )
         issuer = str(as_process.ready["issuer"])
         authgent = Authgent(
             issuer=issuer,

@@ -46,7 +46,7 @@ import os
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -65,6 +65,7 @@ from dpop_signer.config_names import (
     CLIENT_AUTH_METHODS,
     ENV_PREFIX,
     SECRET_FIELDS,
+    ClientAuth,
     env_name,
     option_name,
     ways_to_set,
@@ -91,7 +92,6 @@ __all__ = [
     "read_secret_file",
 ]
 
-ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
 # Fields whose values are lists; in the environment they are separated by white space.
 _LIST_FIELDS = frozenset({"resource", "allow_origin"})
 # Key references: a pkcs11: URI may carry the PIN (RFC 7512 §2.4 pin-value=).

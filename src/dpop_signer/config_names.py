@@ -7,10 +7,17 @@ rest of ``dpop --help`` together; the CLI builds its options from these names al
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 __all__ = [
+    "ASSERTION_AUDIENCES",
     "CLIENT_AUTH_METHODS",
     "ENV_PREFIX",
+    "PROFILES",
     "SECRET_FIELDS",
+    "AssertionAudience",
+    "ClientAuth",
+    "Profile",
     "env_name",
     "option_name",
     "ways_to_set",
@@ -19,13 +26,26 @@ __all__ = [
 ENV_PREFIX = "DPOP_"
 """Environment variables are ``DPOP_`` + the field name in upper case (``DPOP_TOKEN_URL``)."""
 
-CLIENT_AUTH_METHODS: tuple[str, ...] = (
-    "client_secret_basic",
-    "client_secret_post",
-    "private_key_jwt",
-    "none",
-)
-"""Token endpoint client authentication methods (RFC 6749 §2.3.1, RFC 7523 §2.2)."""
+ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+"""Token endpoint client authentication methods, named as in the OAuth registry (RFC 7591 §2;
+RFC 6749 §2.3.1, RFC 7523 §2.2)."""
+
+CLIENT_AUTH_METHODS: tuple[str, ...] = get_args(ClientAuth)
+"""`ClientAuth`'s names, in order, for option choices and messages."""
+
+AssertionAudience = Literal["issuer", "token_endpoint"]
+"""The ``aud`` of a ``private_key_jwt`` client assertion: the authorization server's issuer
+identifier (draft-ietf-oauth-rfc7523bis, FAPI 2.0; the default) or, for servers that still
+demand it, the token endpoint URL (RFC 7523 §3 as first published)."""
+
+ASSERTION_AUDIENCES: tuple[str, ...] = get_args(AssertionAudience)
+"""`AssertionAudience`'s names, for option choices and messages."""
+
+Profile = Literal["fapi2"]
+"""Client profiles whose rules a configuration can be held to (`dpop_signer.profiles`)."""
+
+PROFILES: tuple[str, ...] = get_args(Profile)
+"""`Profile`'s names, for option choices and messages."""
 
 SECRET_FIELDS: tuple[str, ...] = ("pin", "client_secret")
 """Fields that are secrets: each also has a ``<name>_file`` form and is never echoed."""

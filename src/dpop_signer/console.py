@@ -20,7 +20,7 @@ import re
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from dpop_signer.jwk import b64url_decode
+from dpop_signer.jose import peek_claims
 from dpop_signer.redaction import Redactor, mask, mask_basic, mask_pin_values, redact_url
 
 if TYPE_CHECKING:
@@ -65,12 +65,9 @@ def summarize_proof(proof: str) -> str:
     ``ath`` and ``nonce`` are shown only as present (masked); the rest of the proof is never
     printed. A value that does not decode is described, not echoed.
     """
-    try:
-        claims = json.loads(b64url_decode(proof.split(".")[1]))
-    except (IndexError, ValueError):
-        return "(not a decodable JWS)"
-    if not isinstance(claims, dict):
-        return "(claims are not a JSON object)"
+    claims = peek_claims(proof)
+    if claims is None:
+        return "(not a decodable JWS with a JSON object of claims)"
     parts = [f"{name}={claims[name]}" for name in ("jti", "htm", "htu", "iat") if name in claims]
     parts += [f"{name}={mask(str(claims[name]))}" for name in ("ath", "nonce") if name in claims]
     return " ".join(parts)
@@ -202,10 +199,9 @@ class SessionLog:
         # The token's own claims are not secret to its holder; cnf.jkt shows the binding
         # (RFC 9449 §6.1) without showing the token.
         try:
-            token = json.loads(body).get("access_token", "")
-            claims = json.loads(b64url_decode(token.split(".")[1]))
+            claims = peek_claims(json.loads(body).get("access_token", "")) or {}
             jkt = claims["cnf"]["jkt"]
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return
         self.note(f"the access token is a JWT bound to the key: cnf.jkt={jkt}")
 

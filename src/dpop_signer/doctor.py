@@ -562,13 +562,6 @@ def _token_fix(exc: OAuthError) -> str | None:
 
 
 def _jwt_claims(value: str) -> dict[str, Any] | None:
-    from dpop_signer.jwk import b64url_decode
+    from dpop_signer.jose import peek_claims
 
-    parts = value.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        claims = json.loads(b64url_decode(parts[1]))
-    except ValueError:
-        return None
-    return claims if isinstance(claims, dict) else None
+    return peek_claims(value)

@@ -13,7 +13,10 @@ send, read or lock themselves:
   whose body has been read, or an `OAuthError` thrown in when it could not be sent);
 - `SendApi`: send the application's request with these ``Authorization`` and ``DPoP`` header
   values (the reply is an `Answer`: the few response headers the protocol reads);
-- `Lock` and `Slot`: the token fetch lock and the ``max_in_flight`` request slots.
+- `Lock` and `Slot`: the token fetch lock and the ``max_in_flight`` request slots;
+- `StoreCall`, `TakeLease`, `ReleaseLease`, `AwaitFetch`: the shared token store (issue 12),
+  only with a ``token_store`` other than ``memory``: blocking calls, which the async driver
+  runs in a thread (`dpop_signer.stores.base` says why the store API is synchronous).
 
 `drive_sync` and `drive_async` carry out `Sign`, `Lock` and `Slot` (a thread lock and
 semaphore, or a per-event-loop asyncio lock and semaphore, signing inline or through
@@ -26,6 +29,20 @@ fetched with (`CachedToken.proofs`), only a token of the current key is handed o
 request signs every proof with the builder of the token it sends. So a proof's key always
 matches its token's ``cnf.jkt``: a request that got its token before a rotation finishes with
 the old key; one that needs a token after it gets one for the new key and signs with that.
+
+A shared token store (``token_store=``: ``sqlite:PATH``, ``redis://...`` or a store object)
+makes the single flight span processes and hosts. The store is asked only where this process
+would fetch, never per request: after the local fetch lock, a valid stored token (not the one
+just rejected) is adopted and a stored failure still backing off is raised as shared; else
+the store's fetch lease is taken, and without it the flow waits for the holder's outcome (a
+token, a failure, or neither: the holder died, so the lease is tried again, at most
+`_STORE_ROUNDS` times before fetching anyway). The lease holder fetches, stores the token (or
+the failure, with the backoff counted across processes) and releases the lease; the drivers
+release a lease still held when a flow is closed. A renewal ahead of expiry reads the store
+first (another process may have renewed) and takes the lease without waiting, or keeps the
+current token. The token's key thumbprint is part of the store key, so `rotate` moves to the
+new key's token. Nonces learned are written to the store when new, and a miss asks the store
+(`dpop_signer.nonces`).
 """
 
 from __future__ import annotations
@@ -52,9 +69,20 @@ from dpop_signer.errors import (
     UseDPoPNonceError,
 )
 from dpop_signer.jose import is_nonce
-from dpop_signer.nonces import NonceCache
+from dpop_signer.nonces import SHARED_NONCE_TTL, NonceCache
 from dpop_signer.proof import DPoPProofBuilder
 from dpop_signer.signers.base import Signer, sign_async
+from dpop_signer.stores import (
+    Outcome,
+    Snapshot,
+    StoredFailure,
+    StoredToken,
+    TokenStore,
+    await_outcome,
+    open_store,
+    token_key,
+    wait_for_outcome,
+)
 from dpop_signer.tokens import (
     AccessToken,
     CachedToken,
@@ -68,14 +96,18 @@ from dpop_signer.urls import normalize_htu
 __all__ = [
     "Answer",
     "AsyncGate",
+    "AwaitFetch",
     "DPoPFlow",
     "DPoPOptions",
     "Lock",
+    "ReleaseLease",
     "SendApi",
     "SendToken",
     "Sign",
     "Slot",
+    "StoreCall",
     "SyncGate",
+    "TakeLease",
     "answer_of_httpx",
     "drive_async",
     "drive_sync",
@@ -88,6 +120,17 @@ T = TypeVar("T")
 
 _MIN_SKEW = 2.0
 """Offsets smaller than this are noise: ``Date`` has one-second resolution, plus latency."""
+
+_LEASE_MIN = 10.0
+_LEASE_MAX = 60.0
+"""A store's fetch lease lasts about two token requests (nonce retry) at the client's timeout
+plus 5 s, within these bounds: a holder killed mid-fetch delays the others at most that long."""
+_WAIT_SLACK = 1.0
+"""Seconds a waiter waits beyond the lease time (the lease expires on the store's clock)."""
+_STORE_ROUNDS = 3
+"""Leases tried (and holders waited for) before fetching without one."""
+_STORED_TOKEN_CAP = 3600.0
+"""A token is kept in a store at most this long (its lifetime otherwise)."""
 
 
 class DPoPOptions(TypedDict, total=False):
@@ -106,6 +149,7 @@ class DPoPOptions(TypedDict, total=False):
     nonces: NonceCache | None
     clock: Callable[[], float]
     max_in_flight: int | None
+    token_store: str | TokenStore
 
 
 class Sign(NamedTuple):
@@ -142,7 +186,42 @@ class Slot(enum.Enum):
     ACQUIRE = "acquire"
 
 
-Step = Sign | SendToken | SendApi | Lock | Slot
+class StoreCall(NamedTuple):
+    """Call ``function(*args)``, a token store operation; reply with its result."""
+
+    function: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+class TakeLease(NamedTuple):
+    """Take the store's fetch lease of ``key`` for ``ttl`` s; reply with its id or None.
+
+    The driver releases a lease still held when the flow ends (closed or failed).
+    """
+
+    store: TokenStore
+    key: str
+    ttl: float
+
+
+class ReleaseLease(NamedTuple):
+    """Give back the lease taken with `TakeLease`."""
+
+    store: TokenStore
+    key: str
+    lease: str
+
+
+class AwaitFetch(NamedTuple):
+    """Wait for the fetch of another process holding ``key``'s lease; reply with the `Outcome`."""
+
+    store: TokenStore
+    key: str
+    timeout: float
+    clock: Callable[[], float]
+
+
+Step = Sign | SendToken | SendApi | Lock | Slot | StoreCall | TakeLease | ReleaseLease | AwaitFetch
 Flow = Generator[Step, Any, T]
 Exchange = SendToken | SendApi
 """The steps a client's own driver carries out."""
@@ -234,6 +313,7 @@ class DPoPFlow:
         nonces: NonceCache | None = None,
         clock: Callable[[], float] = time.time,
         max_in_flight: int | None = 100,
+        token_store: str | TokenStore = "memory",
     ) -> None:
         if max_in_flight is not None and (
             isinstance(max_in_flight, bool)
@@ -268,7 +348,18 @@ class DPoPFlow:
         )
         self.proofs = DPoPProofBuilder(signer, clock=clock)
         """The builder of the current key (replaced whole by `rotate`)."""
-        self.nonces = NonceCache() if nonces is None else nonces
+        # The store is opened last, so that a setting refused above leaves nothing to close;
+        # a URL is opened (and closed in `close`) here, a store object is the caller's.
+        self.store: TokenStore = open_store(token_store)
+        self._owns_store = isinstance(token_store, str)
+        self.shared = not (isinstance(token_store, str) and token_store.strip() == "memory")
+        """True when tokens, fetches and nonces are shared through `store`."""
+        self._refused: str | None = None  # a token `invalidate` dropped: not adopted again
+        self.nonces = (
+            NonceCache(store=self.store if self.shared else None) if nonces is None else nonces
+        )
+        if self.shared:
+            logger.info("token store: %s", self.store.url)
         self.clock = clock
         self.cache = TokenCache(clock, float(leeway))
         self.max_in_flight = max_in_flight

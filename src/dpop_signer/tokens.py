@@ -37,12 +37,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 from urllib.parse import quote_plus, urlencode
 
 import httpx
 
 from dpop_signer import __version__
+from dpop_signer.config_names import ClientAuth
 from dpop_signer.errors import (
     ConfigError,
     InvalidTokenResponseError,
@@ -71,8 +72,6 @@ __all__ = [
 
 logger = logging.getLogger("dpop_signer")
 
-ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
-"""Client authentication methods, named as in the OAuth registry (RFC 7591 §2)."""
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 """RFC 7523 §2.2 ``client_assertion_type``."""
@@ -573,10 +572,16 @@ class TokenCache:
         error.__cause__ = original
         return error
 
-    def failed(self, error: OAuthError, where: str) -> None:
-        """Record a failed fetch: shared with the waiters, backed off if the server is down."""
+    def failed(self, error: OAuthError, where: str, *, count: int | None = None) -> FetchFailure:
+        """Record a failed fetch: shared with the waiters, backed off if the server is down.
+
+        ``count`` is the number of failed fetches in a row, this one included (the backoff
+        exponent); by default one more than the last recorded here. A shared token store
+        passes its own count, so that every process backs off as one would.
+        """
         previous = self.failure
-        count = 1 if previous is None else previous.count + 1
+        if count is None:
+            count = 1 if previous is None else previous.count + 1
         hint = error.retry_after  # the server's Retry-After (see retry_after_seconds)
         delay = 0.0
         if hint is not None or _unavailable(error):
@@ -590,12 +595,34 @@ class TokenCache:
         # A refusal (bad credentials, a nonce or clock problem) is shared with the requests
         # that waited for this fetch but not backed off: the next attempt carries what this
         # one taught (nonce, clock offset), and asking again is how such errors clear.
-        self.failure = FetchFailure(error, count, self._clock() + delay)
+        failure = self.failure = FetchFailure(error, count, self._clock() + delay)
         self.fetches += 1
         logger.warning(
             "token request to %s failed (%d in a row); the next one in %.1f s at the earliest",
             where, count, delay,
         )  # fmt: skip
+        return failure
+
+    def adopt(
+        self, token: AccessToken, proofs: DPoPProofBuilder, now: float
+    ) -> CachedToken | None:
+        """Cache a token another process fetched (from a shared store), if it can be sent.
+
+        None, and nothing cached, when it is within its last `_EXPIRY_MARGIN` second.
+        Its schedule is computed from the lifetime left, as if it had been fetched now.
+        """
+        if token.expires_at is not None and token.expires_at - now <= _EXPIRY_MARGIN:
+            return None
+        return self.store(token, proofs, now)
+
+    def adopt_failure(self, error: OAuthError, count: int, retry_at: float) -> FetchFailure:
+        """Record a failed fetch another process made (from a shared store), with its backoff.
+
+        The requests of this process that waited for the fetch get it as if it were theirs.
+        """
+        failure = self.failure = FetchFailure(error, count, retry_at)
+        self.fetches += 1
+        return failure
 
     def clear(self) -> None:
         """Forget the token (the failure and its backoff stay: they are the server's)."""

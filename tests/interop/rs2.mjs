@@ -138,14 +138,16 @@ app.use(express.raw({ type: () => true, limit: '10mb' }), (req, res) => {
 // eslint-disable-next-line no-unused-vars
 app.use((err, req, res, next) => {
   const status = Number.isInteger(err.status) ? err.status : 500;
+  // The library leaves `code` empty on a malformed request (RFC 6750 §3.1: invalid_request).
+  const code = err.code || (status === 500 ? 'server_error' : 'invalid_request');
   if (status === 500) process.stderr.write(`rs2.mjs: ${err.stack ?? err}\n`);
   const entry = res.locals.entry;
   if (entry) {
     entry.status = status;
-    entry.error = err.code ?? 'server_error';
+    entry.error = code;
   }
   res.status(status).set({ 'cache-control': 'no-store', ...(err.headers ?? {}) });
-  res.json({ error: err.code ?? 'server_error', error_description: err.message });
+  res.json({ error: code, error_description: err.message });
 });
 
 const server = app.listen(port, '127.0.0.1', () => {

@@ -37,13 +37,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dpop_signer.errors import DPoPSignerError
+from dpop_signer.jose import NQCHAR_PATTERN, TOKEN68_PATTERN, peek_claims
 from dpop_signer.proof import normalize_htu, origin_of
 from dpop_signer.service.http import (
     ApiError,
     LoopbackHostMiddleware,
     RequestLogMiddleware,
     caller_of,
-    claims_of,
     error_for,
     error_response,
 )
@@ -75,12 +75,9 @@ __all__ = [
 DEFAULT_MAX_BODY = 64 * 1024
 """Largest accepted request body: room for a large JWT access token, nothing more."""
 
-# RFC 9110 §5.6.2 token: what an HTTP method may be.
+# RFC 9110 §5.6.2 token: what an HTTP method may be; the token68 and nonce grammars of access
+# tokens and nonces are dpop_signer.jose's.
 _METHOD = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
-# RFC 6750 §2.1 b64token / RFC 7235 token68: what a DPoP access token may be.
-_TOKEN68 = r"^[A-Za-z0-9\-._~+/]+=*$"
-# RFC 9449 §8.1: nonce = 1*NQCHAR.
-_NQCHAR = r"^[\x21\x23-\x5B\x5D-\x7E]+$"
 # For the OpenAPI document only (check_http_url decides): scheme, then a host of name or
 # address characters, then an optional port of 1-5 digits.
 _HTTP_URL = (
@@ -131,13 +128,13 @@ class ProofRequest(_Target):
     access_token: str | None = Field(
         default=None,
         max_length=16384,
-        pattern=_TOKEN68,
+        pattern=f"^{TOKEN68_PATTERN}$",
         description="DPoP-bound access token to hash into ath (RFC 9449 §4.2)",
     )
     nonce: str | None = Field(
         default=None,
         max_length=1024,
-        pattern=_NQCHAR,
+        pattern=f"^{NQCHAR_PATTERN}$",
         description="the server's DPoP-Nonce, when it demanded one (RFC 9449 §8, §9)",
     )
 
@@ -148,7 +145,7 @@ class HeadersRequest(_Target):
     nonce: str | None = Field(
         default=None,
         max_length=1024,
-        pattern=_NQCHAR,
+        pattern=f"^{NQCHAR_PATTERN}$",
         description="a DPoP-Nonce the resource server sent; used in this proof only, never "
         "stored for other requests",
     )
@@ -378,17 +375,12 @@ class _Handlers:
         with self.state.key.in_use() as bundle:
             auth = bundle.auth
             assert auth is not None  # every bundle of a service with a token endpoint has one
-            if body.nonce is None:
-                headers: dict[str, str] = await auth.aheaders(self.state.http, body.htm, body.htu)
-            else:
-                # The caller's nonce goes into this proof only: stored in the shared cache, any
-                # caller could set or evict the nonce of other callers' proofs for an origin.
-                token = await auth.aget_token(self.state.http)
-                proof = await auth.proofs.build_async(
-                    body.htm, body.htu, access_token=token.value, nonce=body.nonce
-                )
-                headers = {"Authorization": f"{token.scheme} {token.value}", "DPoP": proof}
-        claims = claims_of(headers.get("DPoP", ""))
+            # A caller's nonce goes into this proof only: stored in the shared cache, any caller
+            # could set or evict the nonce of other callers' proofs for an origin.
+            headers: dict[str, str] = await auth.aheaders(
+                self.state.http, body.htm, body.htu, nonce=body.nonce
+            )
+        claims = peek_claims(headers.get("DPoP", "")) or {}
         self._audit(
             request, bundle, key, "headers", claims.get("htm"), claims.get("htu"), claims.get("jti")
         )

@@ -28,9 +28,9 @@ from dpop_signer.errors import (
     TokenEndpointError,
     UseDPoPNonceError,
 )
-from dpop_signer.jwk import b64url_decode
 from dpop_signer.service.logs import log_event, logger
 from dpop_signer.service.metrics import Metrics
+from dpop_signer.urls import is_loopback
 
 __all__ = [
     "TARGET_AUTHORITY",
@@ -38,7 +38,6 @@ __all__ = [
     "LoopbackHostMiddleware",
     "RequestLogMiddleware",
     "caller_of",
-    "claims_of",
     "error_for",
     "error_response",
 ]
@@ -99,15 +98,6 @@ def error_response(error: ApiError, metrics: Metrics) -> JSONResponse:
     )
 
 
-def claims_of(proof: str) -> dict[str, Any]:
-    """The claims of a proof this package built (for the audit line; no verification)."""
-    try:
-        claims = json.loads(b64url_decode(proof.split(".")[1]))
-    except (ValueError, IndexError):
-        return {}
-    return claims if isinstance(claims, dict) else {}
-
-
 def caller_of(request: Request) -> str:
     """``host:port`` of a TCP caller, ``unix`` for a unix socket caller."""
     client = request.client
@@ -115,8 +105,6 @@ def caller_of(request: Request) -> str:
         return "unix"
     return f"{client.host}:{client.port}"
 
-
-_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
 TARGET_AUTHORITY = "dpop_signer.target_authority"
 """Scope ``extensions`` key: the authority of an absolute-form request target (RFC 9112
@@ -173,13 +161,11 @@ def _host_refusal(scope: Scope) -> ApiError | None:
 
 
 def _loopback_name(value: bytes) -> bool:
-    host = value.decode("latin-1").strip().lower()
-    host = host.rpartition("@")[2]  # user info, if an absolute-form target has it
-    if host.startswith("["):
-        host = host[: host.find("]") + 1]
-    else:
-        host = host.rpartition(":")[0] if ":" in host else host
-    return host in _LOOPBACK_NAMES
+    # A Host value (or absolute-form authority): its user info and port go, the name stays.
+    authority = value.decode("latin-1").strip().rpartition("@")[2]
+    if not authority or any(c in authority for c in "/?#\\ "):
+        return False
+    return is_loopback(f"http://{authority}/")
 
 
 async def _refuse(send: Send, error: ApiError, metrics: Metrics) -> None:

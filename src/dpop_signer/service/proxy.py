@@ -47,7 +47,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dpop_signer.errors import DPoPSignerError, ServerUnreachableError
-from dpop_signer.service.http import ApiError, LoopbackHostMiddleware, claims_of, error_for
+from dpop_signer.jose import peek_claims
+from dpop_signer.service.http import ApiError, LoopbackHostMiddleware, error_for
 from dpop_signer.service.logs import log_event
 from dpop_signer.service.metrics import Metrics
 from dpop_signer.service.reload import KeyBundle
@@ -371,7 +372,7 @@ class ProxyApp:
         try:
             proof = response.request.headers.get("dpop")
             if proof:
-                claims = claims_of(proof)
+                claims = peek_claims(proof) or {}
                 fields.update(htu=claims.get("htu"), jti=claims.get("jti"))
             await send(
                 {

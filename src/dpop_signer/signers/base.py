@@ -1,8 +1,11 @@
 """The `Signer` protocol: the only thing above this layer knows about a key.
 
-A signer holds (or reaches) one EC P-256 private key and turns a JWS signing input into a
-64-byte ES256 signature. It never hands out key material: the layers above see the public JWK
-and signatures, nothing else. Backends live next to this module (`pem`, `pkcs11`).
+A signer holds (or reaches) one private key and turns a JWS signing input into that key's JWS
+signature. The algorithm follows the key (`dpop_signer.algorithms`): ES256 for EC P-256 (the
+default everywhere), ES384 for P-384, ES512 for P-521, EdDSA for Ed25519, and PS256 - or RS256
+when asked for by name - for RSA. It never hands out key material: the layers above see the
+``algorithm``, the public JWK and signatures, nothing else. Backends live next to this module
+(`pem`, `pkcs11`).
 
 Callers on an event loop use `sign_async`, which takes a backend's own async path when it has
 one (a PKCS#11 module is reached through its worker thread) and otherwise runs ``sign`` in a
@@ -15,30 +18,30 @@ import asyncio
 from typing import Protocol, runtime_checkable
 
 from dpop_signer.errors import SigningFailedError
-from dpop_signer.jwk import SIGNATURE_SIZE, EcPublicJwk
+from dpop_signer.jwk import SIGNATURE_SIZE, PublicJwk
 
 __all__ = ["ALGORITHM", "AsyncSigner", "Signer", "check_signature", "close_signer", "sign_async"]
 
 ALGORITHM = "ES256"
-"""The only JWS algorithm dpop-signer signs with: ECDSA P-256 with SHA-256 (RFC 7518 §3.4)."""
+"""The default JWS algorithm: ECDSA P-256 with SHA-256 (RFC 7518 §3.4), what keys are made for."""
 
 
 @runtime_checkable
 class Signer(Protocol):
-    """An ES256 key that signs but never shows its private half."""
+    """A key that signs but never shows its private half."""
 
     @property
     def algorithm(self) -> str:
-        """The JWS ``alg``: always ``"ES256"``."""
+        """The JWS ``alg`` the key signs with: ES256, ES384, ES512, EdDSA, PS256 or RS256."""
         ...
 
     @property
-    def public_jwk(self) -> EcPublicJwk:
-        """The public key as a JWK with exactly ``kty, crv, x, y``."""
+    def public_jwk(self) -> PublicJwk:
+        """The public key as a JWK with exactly the members its RFC 7638 thumbprint hashes."""
         ...
 
     def sign(self, message: bytes) -> bytes:
-        """Sign SHA-256(message) with ECDSA P-256; return 64 bytes r||s."""
+        """Sign ``message`` with `algorithm`; return the JWS signature (ES256: 64 bytes r||s)."""
         ...
 
 
@@ -77,15 +80,20 @@ def close_signer(signer: Signer) -> None:
         close()
 
 
-def check_signature(signature: bytes, *, source: str) -> bytes:
-    """Return ``signature`` if it is exactly 64 bytes, else raise `SigningFailedError`.
+def check_signature(
+    signature: bytes, *, source: str, size: int = SIGNATURE_SIZE, algorithm: str = ALGORITHM
+) -> bytes:
+    """Return ``signature`` if it is exactly ``size`` bytes, else raise `SigningFailedError`.
 
+    ``size`` is the width of ``algorithm``'s signatures with the key: 64 for ES256 (the
+    default), 96 for ES384, 132 for ES512, 64 for EdDSA, the modulus' length for PS256/RS256.
     A backend that returns DER, a truncated value or the wrong curve's width would otherwise
     produce proofs that every server rejects for reasons nobody can see.
     """
-    if len(signature) != SIGNATURE_SIZE:
+    if len(signature) != size:
+        form = "r||s" if algorithm.startswith("ES") else "signature"
         raise SigningFailedError(
-            f"{source} returned a {len(signature)}-byte signature, not the {SIGNATURE_SIZE}-byte "
-            "ES256 r||s; check that the key is EC P-256 and the mechanism is CKM_ECDSA"
+            f"{source} returned a {len(signature)}-byte signature, not the {size}-byte "
+            f"{algorithm} {form}; check that the key and mechanism are those of {algorithm}"
         )
     return signature

@@ -15,6 +15,9 @@ server and URL.
   proof per request; `DPoPAuth`'s own cost is the gap between it and `DPoPAuth`'s row.
 * ``httpx.AsyncClient``: the same pair, one request at a time on one event loop
   (``run_until_complete`` per request; both sides pay for it alike).
+* Every `DPoPAuth` row of both runs twice, with ``proofs_ahead`` off and on
+  (`dpop_signer.ahead`): repeated GETs of one URL, so from the third call on each request
+  takes the proof signed after the previous response, while the client handled that response.
 * 1,000 concurrent requests: a fresh `DPoPAuth` on an ``AsyncClient`` and 1,000 tasks started
   together, with no token yet and a token endpoint that takes 20 ms: single flight means
   exactly one token request (counted by the server, and by `DPoPAuth.token_requests`).
@@ -110,10 +113,16 @@ class FixedSignature:
         return self._signature
 
 
-def _auth(signer: Any, base: str) -> Any:
+def _auth(signer: Any, base: str, **options: Any) -> Any:
     from dpop_signer import DPoPAuth
 
-    return DPoPAuth(signer, token_url=f"{base}/token", client_id="bench", client_secret="x")
+    return DPoPAuth(
+        signer, token_url=f"{base}/token", client_id="bench", client_secret="x", **options
+    )
+
+
+AHEAD = {False: "proofs ahead off", True: "proofs ahead on"}
+"""Each DPoPAuth row runs with ``proofs_ahead`` off and on (`dpop_signer.ahead`)."""
 
 
 def sync_pairs(
@@ -129,10 +138,11 @@ def sync_pairs(
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     pairs: list[tuple[Variant, Variant, float | None]] = []
     for name, (signer, target) in signers.items():
-        client = httpx.Client(auth=_auth(signer, base))
-        ours = Variant(f"httpx.Client + DPoPAuth ({name})", getter(client))
-        baseline = Variant("httpx.Client + fixed Bearer", getter(httpx.Client(headers=bearer)))
-        pairs.append((ours, baseline, target))
+        for ahead, label in AHEAD.items():
+            client = httpx.Client(auth=_auth(signer, base, proofs_ahead=ahead))
+            ours = Variant(f"httpx.Client + DPoPAuth ({name}, {label})", getter(client))
+            baseline = Variant("httpx.Client + fixed Bearer", getter(httpx.Client(headers=bearer)))
+            pairs.append((ours, baseline, target))
     # A real proof of the same size, built once: the wire and server share of a proof's cost.
     first = clients[0]
     auth: Any = first.auth
@@ -168,7 +178,7 @@ def sync_pairs(
     # DPoPAuth without the signature, on the same sockets: its own cost in this loop.
     unsigned = Variant(
         "httpx.Client + DPoPAuth with a fixed signature (diagnosis)",
-        getter(httpx.Client(auth=_auth(FixedSignature(signer), base))),
+        getter(httpx.Client(auth=_auth(FixedSignature(signer), base, proofs_ahead=False))),
     )
     pairs.append(
         (
@@ -195,14 +205,15 @@ def async_pairs(
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     pairs: list[tuple[Variant, Variant, float | None]] = []
     for name, (signer, target) in signers.items():
-        ours = Variant(
-            f"httpx.AsyncClient + DPoPAuth ({name})",
-            getter(httpx.AsyncClient(auth=_auth(signer, base))),
-        )
-        baseline = Variant(
-            "httpx.AsyncClient + fixed Bearer", getter(httpx.AsyncClient(headers=bearer))
-        )
-        pairs.append((ours, baseline, target))
+        for ahead, label in AHEAD.items():
+            ours = Variant(
+                f"httpx.AsyncClient + DPoPAuth ({name}, {label})",
+                getter(httpx.AsyncClient(auth=_auth(signer, base, proofs_ahead=ahead))),
+            )
+            baseline = Variant(
+                "httpx.AsyncClient + fixed Bearer", getter(httpx.AsyncClient(headers=bearer))
+            )
+            pairs.append((ours, baseline, target))
 
     def close() -> None:
         for client in clients:
@@ -258,6 +269,80 @@ def own_cost_pair(signer: Any, closers: list[Callable[[], None]]) -> tuple[Varia
             lambda: other.get("https://api.test/api"),
         ),
     )
+
+
+class DelayedSigner:
+    """A network HSM stand-in: the PEM signature after a fixed wait (the GIL is free meanwhile)."""
+
+    algorithm = "ES256"
+
+    def __init__(self, signer: Any, delay: float) -> None:
+        self.public_jwk = signer.public_jwk
+        self._signer = signer
+        self._delay = delay
+
+    def sign(self, message: bytes) -> bytes:
+        time.sleep(self._delay)
+        return self._signer.sign(message)  # type: ignore[no-any-return]
+
+
+def latency_rows(base: str, signer: Any, calls: int) -> list[Row]:
+    """Latency DPoP adds per call with a 2 ms signer, calls 10 ms apart, proofs ahead off/on.
+
+    Three ``httpx.Client`` take turns, one call every 10/3 ms, so each one calls every 10 ms:
+    the fixed Bearer header, and `DPoPAuth` on a `DelayedSigner` with ``proofs_ahead`` off and
+    on. The added latency is a percentile of a DPoPAuth client minus the same percentile of
+    the Bearer client.
+    """
+    delayed = DelayedSigner(signer, 0.002)
+    clients = {
+        "bearer": httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}),
+        **{
+            label: httpx.Client(auth=_auth(delayed, base, proofs_ahead=on))
+            for on, label in AHEAD.items()
+        },
+    }
+    times: dict[str, list[float]] = {name: [] for name in clients}
+    try:
+        for client in clients.values():
+            for _ in range(3):
+                client.get(f"{base}/api")  # token, connection, the pair seen twice
+        step = 0.010 / len(clients)
+        next_at = time.perf_counter()
+        for _ in range(calls):
+            for name, client in clients.items():
+                next_at += step
+                pause = next_at - time.perf_counter()
+                if pause > 0:
+                    time.sleep(pause)
+                began = time.perf_counter()
+                client.get(f"{base}/api")
+                times[name].append(time.perf_counter() - began)
+    finally:
+        for client in clients.values():
+            client.close()
+
+    def pct(name: str, q: float) -> float:
+        ordered = sorted(times[name])
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    rows = []
+    for label in AHEAD.values():
+        p50 = (pct(label, 0.5) - pct("bearer", 0.5)) * 1e3
+        p99 = (pct(label, 0.99) - pct("bearer", 0.99)) * 1e3
+        rows.append(
+            Row(
+                section=SECTION,
+                name=f"httpx.Client + DPoPAuth, a signer taking 2 ms, calls 10 ms apart ({label})",
+                value=f"p50 +{p50:.2f} ms",
+                versus=f"httpx.Client + fixed Bearer (p50 {pct('bearer', 0.5) * 1e3:.2f} ms)",
+                target="p50 added < 0.2 ms" if label == AHEAD[True] else "",
+                met=p50 < 0.2 if label == AHEAD[True] else None,
+                note=f"latency added by DPoP: p50 {p50:+.2f} ms, p99 {p99:+.2f} ms; "
+                f"{calls} calls each",
+            )
+        )
+    return rows
 
 
 def concurrent_run(base: str, signer: Any) -> Row:
@@ -329,6 +414,8 @@ def main(argv: list[str]) -> list[Row]:
         interleave([ours, other], rounds, seconds, budget=10)
         extra = 1e6 / ours.median - 1e6 / other.median
         rows.append(compare(SECTION, ours, other, "req/s", note=f"{extra:.1f} µs per request"))
+        print("  latency with a 2 ms signer ...", file=sys.stderr, flush=True)
+        rows += latency_rows(base, pem, 300)
         print("  1,000 concurrent requests ...", file=sys.stderr, flush=True)
         rows.append(concurrent_run(base, pem))
     finally:

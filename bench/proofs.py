@@ -23,17 +23,25 @@ with no Python at all, the physical limit; its ours/openssl figure is a note, no
 
 **Proofs, SoftHSM2** - the key of `bench.hsm.bench_key`. ``DPoPProofBuilder.build`` with the
 `Pkcs11Signer` against raw python-pkcs11 ``key.sign(sha256(input), mechanism=ECDSA)`` on the same
-token key in its own session, with 1, 2 and 4 caller threads; the raw threads take a lock around
-the ``C_Sign`` (two threads in SoftHSM2 at once corrupt memory, DESIGN.md), which is the fastest
-safe raw baseline, and ours serializes on the module's lock the same way. Each thread count is
-its own rotation of ours and raw with the same number of threads; the rotations take turns
-round by round. The issue's "SoftHSM2 proofs ≥ 0.85x raw C_Sign" is the target of every thread
-count and of the p11-kit-proxy row. One more rotation pairs ``await builder.build_async``
-from ``--tasks`` asyncio tasks on one event loop with raw 1-thread ``C_Sign`` measured in the
-same rounds (no target: it is what async callers get, the executor hand-off included).
+token key in its own session, with 1, 2 and 4 caller threads; the raw threads take a lock
+around the ``C_Sign`` (two threads in SoftHSM2 at once corrupt memory, docs/architecture.md),
+which is the fastest safe raw baseline, and ours serializes on the module's lock the same way.
+Each thread count is its own rotation of ours and raw with the same number of threads; the
+rotations take turns round by round. "SoftHSM2 proofs ≥ 0.85x raw C_Sign" is the target of
+every thread count and of the p11-kit-proxy row. One more rotation pairs
+``await builder.build_async`` from ``--tasks`` asyncio tasks on one event loop with raw
+1-thread ``C_Sign`` measured in the same rounds (no target: it is what async callers get, the
+executor hand-off included).
 When ``p11-kit-proxy.so`` is installed and SoftHSM2 is registered with p11-kit, the same token
 key is opened a second time through the proxy (a second module in the process, as
 `open_pkcs11_signer` allows) and builder vs raw ``C_Sign`` run through it, 1 thread.
+
+**Proofs per algorithm** - ``DPoPProofBuilder.build`` (an API-request proof, as above) with a
+key of every kind: ES256, ES384, ES512, EdDSA, PS256 and RS256 (RSA-2048), once as a `PemSigner`
+(keys in memory) and once as a `Pkcs11Signer` (keys made by `generate_key(alg=...)` in a
+temporary SoftHSM2 token), each backend in ONE `interleave` rotation, so the rows of a backend
+are taken over the same rounds. No targets: what each algorithm costs next to ES256. ``--algs``
+runs only this section (with ``--no-hsm``: only its PEM half).
 
 Budget: each phase stops starting rounds that would end past its share, so the whole module
 stays under ~110 s whatever the options; the defaults take about 60 s.
@@ -70,10 +78,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from bench.hsm import bench_key
-from bench.report import Row, Variant, compare, interleave, rate
+from bench.hsm import BenchKey, bench_key
+from bench.report import Row, Variant, compare, interleave, rate, single
 
 PEM = "Proofs, PEM key"
+ALGS = "Proofs per algorithm"
+ALGORITHMS = ("ES256", "ES384", "ES512", "EdDSA", "PS256", "RS256")
+ALGS_BUDGET = 30.0
 HSM = "Proofs, SoftHSM2"
 URL = "https://api.example.com/v1/things?page=2"
 HTU = "https://api.example.com/v1/things"
@@ -476,11 +487,13 @@ def find_proxy() -> str | None:
     return next((p for p in PROXY_PATHS if os.path.isfile(p)), None)
 
 
-def hsm_rows(rounds: int, seconds: float, tasks: int) -> list[Row]:
+def hsm_rows(rounds: int, seconds: float, tasks: int, bench: BenchKey | None = None) -> list[Row]:
     from dpop_signer.proof import DPoPProofBuilder
     from dpop_signer.signers.pkcs11 import Pkcs11Signer, open_pkcs11_signer
 
-    bench = bench_key()
+    owned = bench is None
+    if bench is None:
+        bench = bench_key()
     closers: list[Callable[[], None]] = []
     rotations: list[list[Driven]] = []
     pairs: list[tuple[Driven, Driven, float | None]] = []  # ours, raw, target
@@ -566,31 +579,6 @@ def hsm_rows(rounds: int, seconds: float, tasks: int) -> list[Row]:
                 rotations.append([mine, theirs])
                 pairs.append((mine, theirs, 0.85))
 
-                # sessions=2: two signatures inside the module at once, against one session,
-                # both through the proxy with 4 calling threads.
-                pooled = open_pkcs11_signer(
-                    f"{hsm.uri.split('?', 1)[0]}?module-path={proxy}&sessions=2",
-                    pin=bench.pin or None,
-                )
-                closers.append(pooled.close)
-                pooled_builder = DPoPProofBuilder(pooled)
-
-                def ours_pooled() -> str:
-                    return pooled_builder.build("GET", URL, access_token=TOKEN)
-
-                two, one = Callers(ours_pooled, 4), Callers(ours_proxy, 4)
-                closers += [two.close, one.close]
-                mine = Driven(
-                    Variant("Pkcs11Signer via p11-kit-proxy, sessions=2, 4 threads", ours_pooled),
-                    two,
-                )
-                theirs = Driven(
-                    Variant("Pkcs11Signer via p11-kit-proxy, 1 session, 4 threads", ours_proxy),
-                    one,
-                )
-                rotations.append([mine, theirs])
-                pairs.append((mine, theirs, 1.2))
-
         count = sum(len(r) for r in rotations)
         _log(f"SoftHSM2 ({bench.source}): {count} variants, up to {rounds} rounds x {seconds:g} s")
         rotate(rotations, rounds, seconds, budget=HSM_BUDGET)
@@ -600,7 +588,8 @@ def hsm_rows(rounds: int, seconds: float, tasks: int) -> list[Row]:
                 close()
             except Exception as exc:  # cleanup is best effort; the numbers are taken
                 _log(f"cleanup: {exc!r}")
-        bench.cleanup()
+        if owned:
+            bench.cleanup()
 
     rows = []
     for mine, theirs, target in pairs:
@@ -619,21 +608,74 @@ def hsm_rows(rounds: int, seconds: float, tasks: int) -> list[Row]:
     return rows
 
 
+def algorithm_rows(rounds: int, seconds: float, bench: BenchKey | None) -> list[Row]:
+    """Proofs/s of `DPoPProofBuilder.build` for every algorithm, PEM and SoftHSM2.
+
+    The SoftHSM2 keys are made in ``bench``'s token when it is a temporary one (a process
+    initializes SoftHSM2 once, with one configuration, so the token is shared with `hsm_rows`);
+    never in the development token.
+    """
+    from dpop_signer.proof import DPoPProofBuilder
+    from dpop_signer.signers import close_signer, generate_key
+    from dpop_signer.signers.pem import PemSigner, new_private_key
+
+    rows: list[Row] = []
+    pem = [PemSigner(new_private_key(alg), alg=alg) for alg in ALGORITHMS]
+    backends: list[tuple[str, list[Any]]] = [("PemSigner", pem)]
+    if bench is not None and bench.source == "temporary token":
+        base = bench.uri.replace("object=bench-es256", "object=bench-alg-{}")
+        made = [generate_key(base.format(a), pin=bench.pin, alg=a) for a in ALGORITHMS]
+        backends.append(("Pkcs11Signer", made))
+    elif bench is not None:
+        rows.append(
+            Row(ALGS, "Pkcs11Signer, every algorithm", "-", note="skipped: not on the dev token")
+        )
+    try:
+        for kind, signers in backends:
+            variants = []
+            for signer in signers:
+                builder = DPoPProofBuilder(signer)
+
+                def ours(builder: DPoPProofBuilder = builder) -> str:
+                    return builder.build("GET", URL, access_token=TOKEN)
+
+                name = f"{signer.algorithm}, DPoPProofBuilder.build ({kind})"
+                variants.append(Variant(name, ours))
+            _log(f"{ALGS}: {kind}, {len(variants)} variants, up to {rounds} rounds x {seconds:g} s")
+            interleave(variants, rounds, seconds, budget=ALGS_BUDGET / len(backends))
+            for v in variants:
+                rows.append(single(ALGS, v, "proofs/s", note=f"{len(v.rates)} rounds"))
+    finally:
+        for _, signers in backends:
+            for signer in signers:
+                close_signer(signer)
+    return rows
+
+
 def main(argv: list[str]) -> list[Row]:
     parser = argparse.ArgumentParser(prog="python -m bench proofs")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--seconds", type=float, default=0.4, help="per variant per round")
     parser.add_argument("--tasks", type=int, default=64, help="asyncio tasks for build_async")
     parser.add_argument("--no-hsm", action="store_true", help="skip the SoftHSM2 section")
+    parser.add_argument("--algs", action="store_true", help="only the per-algorithm section")
     args, _ = parser.parse_known_args(argv)
     rounds = max(1, min(args.rounds, 25))
     seconds = max(0.05, min(args.seconds, 2.0))
     tasks = max(1, min(args.tasks, 256))
 
-    rows = pem_rows(rounds, seconds)
-    if not args.no_hsm:
-        rows += hsm_rows(rounds, seconds, tasks)
-    return rows
+    bench = None if args.no_hsm else bench_key()
+    try:
+        if args.algs:
+            return algorithm_rows(rounds, seconds, bench)
+        rows = pem_rows(rounds, seconds)
+        rows += algorithm_rows(rounds, seconds, bench)
+        if bench is not None:
+            rows += hsm_rows(rounds, seconds, tasks, bench)
+        return rows
+    finally:
+        if bench is not None:
+            bench.cleanup()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 It shares no code with `dpop_signer` on purpose (stdlib ``json``/``base64``/``hashlib``,
 ``urllib.parse`` and ``cryptography`` directly), so a bug in the builder cannot hide behind the
 same bug here. It applies every check of RFC 9449 §4.3 that a server can apply to one proof,
-plus ``ath`` (§7) and the ``cnf.jkt`` binding (§6.1).
+plus ``ath`` (§7) and the ``cnf.jkt`` binding (§6.1). Algorithms: ES256 unless ``algs`` lists
+more of ES384, ES512 (RFC 7518 §3.4), EdDSA with Ed25519 (RFC 8037 §3.1), PS256 (RFC 7518 §3.5)
+and RS256 (§3.3), each written out here from the RFCs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from urllib.parse import urlsplit
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
@@ -41,9 +43,17 @@ def _b64e(data: bytes) -> str:
 
 
 def thumbprint(jwk: dict[str, Any]) -> str:
-    """RFC 7638 §3: required members, lexicographic order, no white space, SHA-256."""
-    canon = '{"crv":"' + jwk["crv"] + '","kty":"' + jwk["kty"] + '","x":"' + jwk["x"]
-    canon += '","y":"' + jwk["y"] + '"}'
+    """RFC 7638 §3: required members, lexicographic order, no white space, SHA-256.
+
+    EC: crv, kty, x, y (§3.2); RSA: e, kty, n (§3.2); OKP: crv, kty, x (RFC 8037 §2).
+    """
+    if jwk["kty"] == "RSA":
+        canon = '{"e":"' + jwk["e"] + '","kty":"RSA","n":"' + jwk["n"] + '"}'
+    elif jwk["kty"] == "OKP":
+        canon = '{"crv":"' + jwk["crv"] + '","kty":"OKP","x":"' + jwk["x"] + '"}'
+    else:
+        canon = '{"crv":"' + jwk["crv"] + '","kty":"' + jwk["kty"] + '","x":"' + jwk["x"]
+        canon += '","y":"' + jwk["y"] + '"}'
     return _b64e(hashlib.sha256(canon.encode()).digest())
 
 
@@ -64,15 +74,75 @@ def expected_htu(url: str) -> str:
     return f"{scheme}://{netloc}{parts.path or '/'}"
 
 
-def public_key_of(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
-    x = _b64d(jwk["x"], "jwk.x")
-    y = _b64d(jwk["y"], "jwk.y")
-    if len(x) != 32 or len(y) != 32:
-        raise OracleError("jwk coordinates are not 32 bytes")
-    numbers = ec.EllipticCurvePublicNumbers(
-        int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
-    )
-    return numbers.public_key()
+# alg -> (kty, crv, bytes per coordinate / r / s, hash) for the ECDSA algorithms, RFC 7518 §3.4.
+_ECDSA_ALGS: dict[str, tuple[str, int, ec.EllipticCurve, hashes.HashAlgorithm]] = {
+    "ES256": ("P-256", 32, ec.SECP256R1(), hashes.SHA256()),
+    "ES384": ("P-384", 48, ec.SECP384R1(), hashes.SHA384()),
+    "ES512": ("P-521", 66, ec.SECP521R1(), hashes.SHA512()),
+}
+_MEMBERS = {"EC": {"kty", "crv", "x", "y"}, "OKP": {"kty", "crv", "x"}, "RSA": {"kty", "n", "e"}}
+_KTY = {"ES256": "EC", "ES384": "EC", "ES512": "EC", "EdDSA": "OKP", "PS256": "RSA", "RS256": "RSA"}
+
+
+def public_key_of(jwk: dict[str, Any], alg: str = "ES256") -> Any:
+    """The public key of ``jwk`` for ``alg``; refuses members of the wrong size or curve."""
+    if alg in _ECDSA_ALGS:
+        crv, size, curve, _ = _ECDSA_ALGS[alg]
+        if jwk.get("kty") != "EC" or jwk.get("crv") != crv:
+            raise OracleError(f"jwk is not EC {crv}, which {alg} needs")
+        x = _b64d(jwk["x"], "jwk.x")
+        y = _b64d(jwk["y"], "jwk.y")
+        if len(x) != size or len(y) != size:
+            raise OracleError(f"jwk coordinates are not {size} bytes")
+        numbers = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve
+        )
+        return numbers.public_key()
+    if alg == "EdDSA":
+        if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+            raise OracleError("jwk is not OKP Ed25519 (RFC 8037 §2)")
+        raw = _b64d(jwk["x"], "jwk.x")
+        if len(raw) != 32:
+            raise OracleError("Ed25519 jwk x is not 32 bytes")
+        return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    if jwk.get("kty") != "RSA":
+        raise OracleError(f"jwk is not RSA, which {alg} needs")
+    n, e = _b64d(jwk["n"], "jwk.n"), _b64d(jwk["e"], "jwk.e")
+    if n[:1] == b"\x00" or e[:1] == b"\x00":
+        raise OracleError("RSA n or e has leading zero octets (RFC 7518 §6.3.1.1)")
+    if int.from_bytes(n, "big").bit_length() < 2048:
+        raise OracleError("RSA key is shorter than 2048 bits (RFC 7518 §3.3, §3.5)")
+    return rsa.RSAPublicNumbers(int.from_bytes(e, "big"), int.from_bytes(n, "big")).public_key()
+
+
+def verify_jws(alg: str, jwk: dict[str, Any], signing_input: bytes, signature: bytes) -> None:
+    """Verify a JWS signature of ``alg`` with ``jwk``, checking its exact form first."""
+    key = public_key_of(jwk, alg)
+    try:
+        if alg in _ECDSA_ALGS:
+            _, size, _, digest = _ECDSA_ALGS[alg]
+            if len(signature) != 2 * size:
+                raise OracleError(f"{alg} signature is {len(signature)} bytes, not {2 * size}")
+            der = encode_dss_signature(
+                int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+            )
+            key.verify(der, signing_input, ec.ECDSA(digest))
+        elif alg == "EdDSA":
+            if len(signature) != 64:
+                raise OracleError(f"Ed25519 signature is {len(signature)} bytes, not 64")
+            key.verify(signature, signing_input)
+        else:
+            modulus_bytes = (key.key_size + 7) // 8
+            if len(signature) != modulus_bytes:
+                raise OracleError(f"{alg} signature is not {modulus_bytes} bytes (the modulus)")
+            scheme = (
+                padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+                if alg == "PS256"
+                else padding.PKCS1v15()
+            )
+            key.verify(signature, signing_input, scheme, hashes.SHA256())
+    except InvalidSignature as exc:
+        raise OracleError("signature does not verify with the header jwk") from exc
 
 
 def verify_es256(jwk: dict[str, Any], signing_input: bytes, signature: bytes) -> None:
@@ -107,6 +177,7 @@ def check_proof(
     max_future: float = 60.0,
     expected_jkt: str | None = None,
     expected_jwk: dict[str, Any] | None = None,
+    algs: tuple[str, ...] = ("ES256",),
 ) -> CheckedProof:
     """Apply RFC 9449 §4.3 checks 2-12 to one proof; raise `OracleError` on the first failure."""
     checks: list[str] = []
@@ -131,23 +202,25 @@ def check_proof(
     if header.get("typ") != "dpop+jwt":
         raise OracleError(f"typ is {header.get('typ')!r}, not dpop+jwt")
     checks.append("4:typ")
-    # 5. alg: asymmetric, supported; we accept exactly ES256
-    if header.get("alg") != "ES256":
-        raise OracleError(f"alg is {header.get('alg')!r}, not ES256")
+    # 5. alg: asymmetric, supported; we accept exactly those in algs (ES256 by default)
+    alg = header.get("alg")
+    if alg not in algs or alg not in _KTY:
+        raise OracleError(f"alg is {alg!r}, not one of {algs}")
     checks.append("5:alg")
-    # 7. jwk public only, exactly the EC members
+    # 7. jwk public only, exactly the members of its key type
     jwk = header.get("jwk")
     if not isinstance(jwk, dict):
         raise OracleError("jwk header missing")
-    if set(jwk) != {"kty", "crv", "x", "y"}:
-        raise OracleError(f"jwk members are {sorted(jwk)}, want exactly crv, kty, x, y")
-    if jwk["kty"] != "EC" or jwk["crv"] != "P-256":
+    want = _MEMBERS[_KTY[alg]]
+    if set(jwk) != want:
+        raise OracleError(f"jwk members are {sorted(jwk)}, want exactly {sorted(want)}")
+    if alg == "ES256" and (jwk["kty"] != "EC" or jwk["crv"] != "P-256"):
         raise OracleError("jwk is not EC P-256")
     if expected_jwk is not None and jwk != expected_jwk:
         raise OracleError("jwk is not the signer's public key")
     checks.append("7:public-jwk")
     # 6. signature over the exact bytes received
-    verify_es256(jwk, f"{h64}.{c64}".encode("ascii"), _b64d(s64, "signature"))
+    verify_jws(alg, jwk, f"{h64}.{c64}".encode("ascii"), _b64d(s64, "signature"))
     checks.append("6:signature")
     # jti: >= 96 bits of randomness (§4.2)
     jti = claims["jti"]

@@ -13,7 +13,7 @@ import pytest
 
 from dpop_signer.aiohttp import DPoPMiddleware
 from dpop_signer.errors import ServerUnreachableError
-from dpop_signer.jwk import EcPublicJwk
+from dpop_signer.jwk import PublicJwk
 from dpop_signer.signers.base import Signer
 from dpop_signer.testing.servers import LocalServers
 from dpop_signer.tokens import AccessToken
@@ -33,7 +33,7 @@ class LoopWatchingSigner:
         self.loop_thread: int | None = None
 
     @property
-    def public_jwk(self) -> EcPublicJwk:
+    def public_jwk(self) -> PublicJwk:
         return self._inner.public_jwk
 
     def sign(self, message: bytes) -> bytes:

@@ -299,7 +299,7 @@ def test_build_signer_opens_the_configured_pem_key(pem_key_path):
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     numbers = key.public_key().public_numbers()
     x = oracle._b64e(numbers.x.to_bytes(32, "big"))
-    assert signer.public_jwk["x"] == x
+    assert dict(signer.public_jwk)["x"] == x
 
 
 def test_build_signer_needs_a_key():

@@ -21,7 +21,7 @@ from dpop_signer.errors import (
     SignerTimeoutError,
     SignerUnavailableError,
 )
-from dpop_signer.jwk import EcPublicJwk
+from dpop_signer.jwk import PublicJwk
 from dpop_signer.service.metrics import Metrics
 from dpop_signer.service.signer import ServiceSigner
 from dpop_signer.signers.pem import PemSigner
@@ -41,7 +41,7 @@ class Switchable:
         return self.inner.algorithm
 
     @property
-    def public_jwk(self) -> EcPublicJwk:
+    def public_jwk(self) -> PublicJwk:
         return self.inner.public_jwk
 
     def sign(self, message: bytes) -> bytes:

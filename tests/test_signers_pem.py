@@ -85,8 +85,8 @@ def test_jwk_is_the_files_public_key(tmp_path: Path, fmt: str) -> None:
 
 def test_public_jwk_is_a_copy(pem_signer: PemSigner) -> None:
     jwk = pem_signer.public_jwk
-    jwk["x"] = "tampered"
-    assert pem_signer.public_jwk["x"] != "tampered"
+    jwk["kty"] = "tampered"
+    assert pem_signer.public_jwk["kty"] == "EC"
 
 
 def test_is_a_signer_with_an_async_path(pem_signer: PemSigner) -> None:
@@ -199,17 +199,34 @@ def test_public_key_only(tmp_path: Path) -> None:
     assert_one_line_without(info.value)
 
 
-def test_rsa_key(tmp_path: Path) -> None:
-    path = write_key(tmp_path / "rsa.pem", rsa.generate_private_key(65537, 2048))
-    with pytest.raises(UnsupportedKeyError, match="RSA") as info:
+def test_rsa_key_under_2048_bits(tmp_path: Path) -> None:
+    weak = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the weak key under test
+    path = write_key(tmp_path / "rsa.pem", weak)
+    with pytest.raises(UnsupportedKeyError, match=r"RSA key of 1024 bits.*2048 bits or more"):
+        load_signer(path)
+
+
+def test_secp256k1_key(tmp_path: Path) -> None:
+    path = write_key(tmp_path / "k256.pem", ec.generate_private_key(ec.SECP256K1()))
+    with pytest.raises(UnsupportedKeyError, match="secp256k1") as info:
         load_signer(path)
     assert_one_line_without(info.value)
 
 
-def test_p384_key(tmp_path: Path) -> None:
+def test_rsa_key_signs_ps256_unless_rs256_is_asked_for(tmp_path: Path) -> None:
+    path = write_key(tmp_path / "rsa2048.pem", rsa.generate_private_key(65537, 2048))
+    assert load_signer(path).algorithm == "PS256"
+    assert load_signer(path, alg="RS256").algorithm == "RS256"
+    with pytest.raises(UnsupportedKeyError, match="ES256 does not fit an RSA key") as info:
+        load_signer(path, alg="ES256")
+    assert_one_line_without(info.value)
+
+
+def test_alg_that_does_not_fit_an_ec_key_is_refused(tmp_path: Path) -> None:
     path = write_key(tmp_path / "p384.pem", ec.generate_private_key(ec.SECP384R1()))
-    with pytest.raises(UnsupportedKeyError, match="secp384r1") as info:
-        load_signer(path)
+    assert load_signer(path).algorithm == "ES384"
+    with pytest.raises(UnsupportedKeyError, match="ES256 does not fit an EC P-384 key") as info:
+        load_signer(path, alg="ES256")
     assert_one_line_without(info.value)
 
 

@@ -226,9 +226,29 @@ def test_rejects_hs256_signed_with_the_public_key_as_secret(key: HandKey) -> Non
     rejects(f"{header}.{claims}.{b64(mac.digest())}", match="alg 'HS256' is not accepted")
 
 
-@pytest.mark.parametrize("alg", ["ES384", "RS256", "EdDSA"])
-def test_rejects_algorithms_other_than_es256(key: HandKey, alg: str) -> None:
-    rejects(key.proof("GET", HTU, header={"alg": alg}), match="only ES256")
+@pytest.mark.parametrize("alg", ["ES512", "RS256", "PS384", "ES256K"])
+def test_rejects_algorithms_outside_the_default_allow_list(key: HandKey, alg: str) -> None:
+    rejects(
+        key.proof("GET", HTU, header={"alg": alg}),
+        match=f"alg '{alg}' is not accepted.*only ES256, ES384, EdDSA, PS256$",
+    )
+
+
+@pytest.mark.parametrize("alg", ["ES384", "EdDSA", "PS256"])
+def test_rejects_an_allowed_alg_that_does_not_fit_the_key(key: HandKey, alg: str) -> None:
+    # A P-256 key under another allowed alg: check 6 refuses it before any verification.
+    rejects(
+        key.proof("GET", HTU, header={"alg": alg}),
+        match=r"key is not (EC P-384|Ed25519|RSA), which",
+    )
+
+
+def test_allow_list_can_be_narrowed_and_never_widened_past_the_supported_set(key: HandKey) -> None:
+    proof = key.proof("GET", HTU)
+    assert verify_proof(proof, htm="GET", htu=HTU, algorithms=("ES256",))["htm"] == "GET"
+    rejects(proof, algorithms=("EdDSA",), match="accepts only EdDSA$")
+    with pytest.raises(ValueError, match="HS256"):
+        verify_proof(proof, htm="GET", htu=HTU, algorithms=("ES256", "HS256"))
 
 
 def test_rejects_private_key_in_header_jwk(key: HandKey) -> None:

@@ -47,7 +47,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, NamedTuple
 
 from dpop_signer.proof import PreparedProof
@@ -173,11 +172,15 @@ class TakeAhead(NamedTuple):
         """Wait for the signature in this thread (`drive_sync`)."""
         future = self.pending.signature
         try:
-            return future.result(None if future.done() else self.wait)
-        except (FutureTimeout, Exception):
-            return _dropped(self.pending, future)
-        except BaseException:  # a signing task cancelled with its loop
-            return _dropped(self.pending, future)
+            return future.result(None if future.done() else max(0.0, self.wait))
+        except Exception:  # failed, cancelled (discarded) or not ready in time (a timeout)
+            _dropped(self.pending, future)
+            return None
+        except BaseException:
+            if not future.done():
+                raise  # KeyboardInterrupt while waiting
+            _dropped(self.pending, future)  # a signing task cancelled with its loop
+            return None
 
     async def result_async(self) -> bytes | None:
         """Wait for the signature without blocking the loop (`drive_async`)."""
@@ -186,13 +189,13 @@ class TakeAhead(NamedTuple):
             # shield: a timeout here must not cancel the signature (another thread sets it).
             waiter = asyncio.wrap_future(future)
             try:
-                await asyncio.wait_for(asyncio.shield(waiter), self.wait)
+                await asyncio.wait_for(asyncio.shield(waiter), max(0.0, self.wait))
             except TimeoutError:
-                return _dropped(self.pending, future)
+                _dropped(self.pending, future)
+                return None
             except BaseException:
-                if future.cancelled() or future.done():
-                    return _dropped(self.pending, future)
-                raise  # this request was cancelled
+                if not future.done():
+                    raise  # this request was cancelled
         return self.result()
 
 
@@ -205,7 +208,6 @@ def _dropped(pending: PendingProof, future: Future[bytes]) -> None:
             "a proof made ahead (jti=%s) was not signed: %s; signing afresh",
             pending.prepared.jti, type(future.exception()).__name__,
         )  # fmt: skip
-    return None
 
 
 class ProofsAhead:
@@ -298,7 +300,9 @@ class ProofsAhead:
                 and not current.signature.cancelled()
             ):
                 return None  # one is waiting already and has most of its life ahead
-            prepared = entry.proofs.prepare(method, htu, access_token=entry.token.value, nonce=nonce)
+            prepared = entry.proofs.prepare(
+                method, htu, access_token=entry.token.value, nonce=nonce
+            )
             pending = PendingProof(method, entry, nonce, prepared, now)
             table[key] = pending
             self.made += 1
@@ -317,10 +321,17 @@ class ProofsAhead:
             pending.discard()
         self.discarded += len(dropped)
 
-    def __len__(self) -> int:
+    @property
+    def waiting(self) -> int:
         """Proofs waiting in the cache."""
         with self._lock:
             return sum(p is not None for p in self._table.values())
+
+    @property
+    def pairs(self) -> int:
+        """(method, URL) pairs remembered."""
+        with self._lock:
+            return len(self._table)
 
     # -- signing off the request's path ---------------------------------------------------
 
@@ -356,4 +367,4 @@ class ProofsAhead:
             pending.sign_now()
 
     def __repr__(self) -> str:
-        return f"ProofsAhead(max_age={self.max_age:g}, size={self.size}, waiting={len(self)})"
+        return f"ProofsAhead(max_age={self.max_age:g}, size={self.size}, waiting={self.waiting})"

@@ -59,7 +59,8 @@ class DPoPMiddleware:
     Args:
         signer: The DPoP key (PKCS#11 or PEM).
         **options: The keyword arguments of `dpop_signer.DPoPAuth` (``token_url``,
-            ``client_id``, ``client_secret``, ``scope``, ``client_auth``, ...).
+            ``client_id``, ``client_secret``, ``scope``, ``client_auth``, ``token_store``,
+            ...).
 
     Raises:
         ConfigError: missing or contradictory settings.
@@ -104,13 +105,22 @@ class DPoPMiddleware:
         """Last measured server clock minus local clock, in seconds."""
         return self._flow.skew
 
+    @property
+    def token_store(self) -> str:
+        """Where tokens are shared: ``memory``, or the store's URL with credentials masked."""
+        return self._flow.store.url if self._flow.shared else "memory"
+
     def invalidate(self) -> None:
         """Forget the cached token; the next request fetches a new one."""
-        self._flow.cache.clear()
+        self._flow.invalidate()
 
     def rotate(self, new_signer: Signer) -> str:
         """Make ``new_signer`` the DPoP key (see `dpop_signer.DPoPAuth.rotate`)."""
         return self._flow.rotate(new_signer)
+
+    def close(self) -> None:
+        """Close the token store opened from a ``token_store`` URL (a store object is not)."""
+        self._flow.close()
 
     async def get_token(self, session: aiohttp.ClientSession) -> AccessToken:
         """The current token: cached, or fetched through ``session`` (one fetch at a time).

@@ -147,7 +147,7 @@ def algorithm_for_key(kty: str, crv: str | None, requested: str | None = None) -
         if alg.kty == kty and alg.crv == crv:
             if requested is not None and requested != alg.name:
                 raise UnsupportedKeyError(
-                    f"alg {requested} does not fit a {kty} {crv} key, which signs {alg.name}; "
+                    f"alg {requested} does not fit an {kty} {crv} key, which signs {alg.name}; "
                     f"leave alg out or give alg={alg.name}"
                 )
             return alg
@@ -183,7 +183,7 @@ def check_signature_form(alg: JwsAlgorithm, key: PublicKey, signature: bytes) ->
         if not isinstance(key, ec.EllipticCurvePublicKey) or alg.crv != CRV_OF_CURVE.get(
             key.curve.name
         ):
-            raise ValueError(f"key is not an EC {alg.crv} key, which {alg.name} needs")
+            raise ValueError(f"key is not EC {alg.crv}, which {alg.name} needs")
         want = 2 * alg.coordinate_size
         if len(signature) != want:
             raise ValueError(
@@ -191,12 +191,12 @@ def check_signature_form(alg: JwsAlgorithm, key: PublicKey, signature: bytes) ->
             )
     elif alg.kty == "OKP":
         if not isinstance(key, ed25519.Ed25519PublicKey):
-            raise ValueError(f"key is not an Ed25519 key, which {alg.name} needs")
+            raise ValueError(f"key is not Ed25519, which {alg.name} needs")
         if len(signature) != 64:
             raise ValueError(f"signature is {len(signature)} bytes, not the 64-byte Ed25519 one")
     else:
         if not isinstance(key, rsa.RSAPublicKey):
-            raise ValueError(f"key is not an RSA key, which {alg.name} needs")
+            raise ValueError(f"key is not RSA, which {alg.name} needs")
         if key.key_size < MIN_RSA_BITS:
             raise ValueError(f"RSA key is {key.key_size} bits; at least {MIN_RSA_BITS} needed")
         want = (key.key_size + 7) // 8

@@ -105,6 +105,7 @@ from dpop_signer.flow import (
 from dpop_signer.nonces import NonceCache
 from dpop_signer.proof import DPoPProofBuilder
 from dpop_signer.signers.base import Signer
+from dpop_signer.stores import TokenStore
 from dpop_signer.tokens import AccessToken, CachedToken, ClientAuth, ClientCredentialsTokenSource
 
 __all__ = ["DPoPAuth"]
@@ -141,6 +142,17 @@ class DPoPAuth(httpx.Auth):
         max_in_flight: Requests of this auth that may be past signing at once; the others
             wait before they sign, not after. Set it to the client's
             ``limits.max_connections`` (httpx's default is 100); ``None``: no bound.
+        token_store: Where the token, its fetch lease and failures, and the nonces are shared:
+            ``memory`` (this auth only, the default), ``sqlite:PATH`` (the processes of one
+            host), ``redis://[user:password@]host:port/db`` or ``rediss://...?ca=PATH`` (many
+            hosts), or a `dpop_signer.stores.TokenStore` object (shared by the auths given
+            it, closed by its owner). One token fetch at a time across every process using the
+            store; the others take its token or its failure (see `dpop_signer.flow`). A store
+            that goes away never fails a request (`dpop_signer.stores.FallbackStore`).
+        proofs_ahead: Make the next proof for a repeated (method, URL) ahead of time, while
+            the caller does other work, so that a request does not wait for its signature
+            (`dpop_signer.ahead` has the rules: used once, for the same token, nonce and key,
+            within 2 s). ``None`` (default): on for a PKCS#11 key, off for a PEM key.
 
     Raises:
         ConfigError: missing or contradictory settings.
@@ -166,6 +178,8 @@ class DPoPAuth(httpx.Auth):
         nonces: NonceCache | None = None,
         clock: Callable[[], float] = time.time,
         max_in_flight: int | None = 100,
+        proofs_ahead: bool | None = None,
+        token_store: str | TokenStore = "memory",
     ) -> None:
         self._flow = DPoPFlow(
             signer,
@@ -182,6 +196,8 @@ class DPoPAuth(httpx.Auth):
             nonces=nonces,
             clock=clock,
             max_in_flight=max_in_flight,
+            proofs_ahead=proofs_ahead,
+            token_store=token_store,
         )
 
     # -- public surface ---------------------------------------------------------------------
@@ -227,9 +243,18 @@ class DPoPAuth(httpx.Auth):
         """Last measured server clock minus local clock, in seconds (None before a ``Date``)."""
         return self._flow.skew
 
+    @property
+    def token_store(self) -> str:
+        """Where tokens are shared: ``memory``, or the store's URL with credentials masked."""
+        return self._flow.store.url if self._flow.shared else "memory"
+
     def invalidate(self) -> None:
         """Forget the cached token; the next request fetches a new one."""
-        self._flow.cache.clear()
+        self._flow.invalidate()
+
+    def close(self) -> None:
+        """Close the token store opened from a ``token_store`` URL (a store object is not)."""
+        self._flow.close()
 
     def rotate(self, new_signer: Signer) -> str:
         """Make ``new_signer`` the DPoP key from now on; returns its thumbprint (`jkt`).

@@ -231,11 +231,27 @@ def main() -> None:
     """Sign OAuth 2.0 DPoP proofs (RFC 9449) with an ES256 key that stays in its token."""
 
 
+_KEY_KINDS = {
+    "ES256": "EC P-256",
+    "ES384": "EC P-384",
+    "ES512": "EC P-521",
+    "EdDSA": "Ed25519",
+    "PS256": "RSA-2048",
+    "RS256": "RSA-2048",
+}
+"""What `dpop keygen --alg` makes, for its message."""
+
+
 @contextlib.contextmanager
 def _open_signer(
     ctx: click.Context, *, require: Sequence[str] = (), client: bool = False
 ) -> Iterator[tuple[Settings, Signer]]:
     settings = settings_from_context(ctx)
+    if client and settings.issuer is not None:
+        from dpop_signer.discovery import apply_discovery
+
+        # The token endpoint from the issuer's metadata (unless --token-url), read once.
+        settings, _ = apply_discovery(settings)
     # Everything missing is reported before a PIN is asked for or a token is touched.
     settings.require("key", *require)
     settings = prompt_for_secrets(settings, need_client_secret=client)
@@ -244,16 +260,37 @@ def _open_signer(
 
     signer = build_signer(settings)
     try:
+        if not client and settings.profile is not None:
+            _check_key_profile(settings, signer)
         yield settings, signer
     finally:
         close_signer(signer)
 
 
+def _check_key_profile(settings: Settings, signer: Signer) -> None:
+    """The --profile rules a command that only signs can break (the key's algorithm)."""
+    from dpop_signer.errors import ConfigError
+    from dpop_signer.profiles import profile_violations
+
+    violations = profile_violations(settings, signer=signer, client=False)
+    if violations:
+        raise ConfigError("; ".join(str(v) for v in violations))
+
+
 @main.command()
 @key_options
+@click.option(
+    "--alg",
+    type=click.Choice(["ES256", "ES384", "ES512", "EdDSA", "PS256", "RS256"]),
+    default="ES256",
+    show_default=True,
+    help="JWS algorithm of the new key: ES256/ES384/ES512 make EC P-256/P-384/P-521, EdDSA "
+    "Ed25519, PS256 and RS256 RSA-2048. The key implies its algorithm later, except RS256: "
+    "open that key with alg=RS256 in its pkcs11: URI (a PEM RSA key signs PS256).",
+)
 @click.pass_context
-def keygen(ctx: click.Context, /, **_: object) -> None:
-    """Create a new P-256 key and print its JWK thumbprint.
+def keygen(ctx: click.Context, /, alg: str = "ES256", **_: object) -> None:
+    """Create a new key (P-256 for ES256, the default) and print its JWK thumbprint.
 
     REF is a PEM file path (written with mode 0600, never overwritten; --pin encrypts it) or a
     pkcs11: URI whose object= label (and id=) the new key pair gets in the token.
@@ -261,7 +298,9 @@ def keygen(ctx: click.Context, /, **_: object) -> None:
     \b
     Examples:
       dpop keygen --key dev-key.pem
+      dpop keygen --key dev-ed25519.pem --alg EdDSA
       DPOP_PIN_FILE=pin.txt dpop keygen --key 'pkcs11:token=dpop-dev;object=dpop-es256'
+      DPOP_PIN_FILE=pin.txt dpop keygen --alg PS256 --key 'pkcs11:token=dpop-dev;object=dpop-ps256'
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     from dpop_signer.config import pin_for
     from dpop_signer.jwk import jwk_thumbprint
@@ -273,9 +312,12 @@ def keygen(ctx: click.Context, /, **_: object) -> None:
     ref = str(settings.key)
     if is_pkcs11_ref(ref):
         settings = prompt_for_secrets(settings)
-    signer = generate_key(ref, pin=pin_for(settings, ref))
+    signer = generate_key(ref, pin=pin_for(settings, ref), alg=alg)
     try:
-        click.echo(f"created a P-256 key at {mask_pin_values(ref)}", err=True)
+        where = getattr(signer, "uri", None) or ref  # a token's URI says alg=RS256 if needed
+        click.echo(
+            f"created an {_KEY_KINDS[alg]} key for {alg} at {mask_pin_values(where)}", err=True
+        )
         click.echo(jwk_thumbprint(signer.public_jwk))
     finally:
         close_signer(signer)
@@ -740,14 +782,17 @@ def doctor(ctx: click.Context, /, as_json: bool, **_: object) -> None:
     """Check the key, the token and the authorization server, one step at a time.
 
     Prints a ✓ or ✗ line per step (module loads, token present, login, key found, EC P-256,
-    CKM_ECDSA offered, sign and verify, token endpoint reachable, discovery advertises ES256,
-    a DPoP token bound to this key comes back) with the fix for each failure; --json prints
+    CKM_ECDSA offered, sign and verify, issuer metadata with --issuer, token endpoint reachable,
+    discovery advertises the key's algorithm, client authentication offered, assertion
+    audience, one line per --profile rule, a DPoP token bound to this key comes back) with the
+    fix for each failure; --json prints
     {"ok": ..., "steps": [{"step", "status", "detail"}, ...]} instead. A wrong PIN is never
     retried. The exit status is 1 when any step fails.
 
     \b
     Examples:
       dpop doctor --config dpop.toml
+      dpop doctor --issuer https://as.example --client-auth private_key_jwt --profile fapi2
       dpop doctor --json | jq '.steps[] | select(.status == "fail")'
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     from dpop_signer.doctor import run_doctor

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from dpop_signer.config_names import CLIENT_AUTH_METHODS, SECRET_FIELDS, env_name, option_name
+from dpop_signer.config_names import (
+    ASSERTION_AUDIENCES,
+    CLIENT_AUTH_METHODS,
+    PROFILES,
+    SECRET_FIELDS,
+    env_name,
+    option_name,
+)
 
 if TYPE_CHECKING:
     from dpop_signer.config import Settings
@@ -95,12 +102,32 @@ key_options = _compose(
         type=float,
         help="Give up on a PKCS#11 module that has not answered within SECONDS (default 5).",
     ),
+    _option(
+        "--profile",
+        field="profile",
+        type=click.Choice(PROFILES),
+        help="Hold the configuration to a client profile before any request: fapi2 (FAPI 2.0: "
+        "DPoP, private_key_jwt with the issuer as aud, PS256/ES256/EdDSA keys, https "
+        "endpoints, metadata that agrees).",
+    ),
 )
-"""``--config``, ``--key``, ``--pin``, ``--pin-file``, ``--sign-timeout``: what every command
-that signs needs."""
+"""``--config``, ``--key``, ``--pin``, ``--pin-file``, ``--sign-timeout``, ``--profile``: what
+every command that signs needs."""
 
 client_options = _compose(
-    _option("--token-url", field="token_url", metavar="URL", help="Token endpoint URL."),
+    _option(
+        "--issuer",
+        field="issuer",
+        metavar="URL",
+        help="Authorization server issuer: its RFC 8414 metadata names the token endpoint and "
+        "what the server offers; it is the aud of private_key_jwt assertions.",
+    ),
+    _option(
+        "--token-url",
+        field="token_url",
+        metavar="URL",
+        help="Token endpoint URL (default: from the --issuer metadata).",
+    ),
     _option("--client-id", field="client_id", metavar="ID", help="OAuth client_id."),
     _option(
         "--client-secret",
@@ -130,6 +157,13 @@ client_options = _compose(
         multiple=True,
         help="RFC 8707 resource indicator; repeatable.",
     ),
+    _option(
+        "--assertion-audience",
+        field="assertion_audience",
+        type=click.Choice(ASSERTION_AUDIENCES),
+        help="aud of private_key_jwt assertions: issuer (default; RFC 7523bis, FAPI 2.0) or "
+        "token_endpoint (for servers that still demand the token URL).",
+    ),
     _option("--audience", field="audience", metavar="AUD", help="Audience parameter."),
     _option(
         "--accept-bearer/--refuse-bearer",
@@ -137,6 +171,14 @@ client_options = _compose(
         field="accept_bearer",
         default=None,
         help="Accept a Bearer token when the server does not bind it (default: refuse).",
+    ),
+    _option(
+        "--proofs-ahead/--no-proofs-ahead",
+        "proofs_ahead",
+        field="proofs_ahead",
+        default=None,
+        help="Sign the next proof for a repeated method and URL ahead of time (default: on "
+        "for a pkcs11: key, off for a PEM key).",
     ),
     _option(
         "--leeway",
@@ -151,6 +193,14 @@ client_options = _compose(
         metavar="SECONDS",
         type=float,
         help="HTTP timeout (default 10).",
+    ),
+    _option(
+        "--token-store",
+        field="token_store",
+        metavar="URL",
+        help="Share tokens and nonces with other processes: memory (default), sqlite:PATH "
+        "(one host) or redis://[user:password@]host:port/db, rediss://... (many hosts); "
+        "prefer the variable or --config for a URL with a password.",
     ),
     _option(
         "--cacert",
@@ -196,6 +246,13 @@ def settings_from_context(ctx: click.Context) -> Settings:
                 f"local users; drop pin-value= and use {env_name('pin')}, "
                 f"{option_name('pin')}-file or the prompt instead"
             )
+    store = options.get("token_store")
+    if isinstance(store, str) and "@" in store.partition("?")[0]:
+        # A Redis password in the URL is as visible in `ps` as --client-secret is.
+        warn(
+            f"{option_name('token_store')} with a password on the command line can be read by "
+            f"other local users; set {env_name('token_store')} or put token_store in --config"
+        )
     return load_settings(options, config_file=params.get("config"), default_config=True)
 
 

@@ -65,7 +65,9 @@ from dpop_signer.config_names import (
     CLIENT_AUTH_METHODS,
     ENV_PREFIX,
     SECRET_FIELDS,
+    AssertionAudience,
     ClientAuth,
+    Profile,
     env_name,
     option_name,
     ways_to_set,
@@ -75,6 +77,7 @@ from dpop_signer.redaction import mask_pin_values, redact_url
 
 if TYPE_CHECKING:
     from dpop_signer.auth import DPoPAuth
+    from dpop_signer.discovery import ServerMetadata
     from dpop_signer.signers.base import Signer
 
 __all__ = [
@@ -96,7 +99,7 @@ __all__ = [
 _LIST_FIELDS = frozenset({"resource", "allow_origin"})
 # Key references: a pkcs11: URI may carry the PIN (RFC 7512 §2.4 pin-value=).
 _KEY_FIELDS = frozenset({"key", "assertion_key"})
-_URL_FIELDS = frozenset({"token_url", "upstream"})
+_URL_FIELDS = frozenset({"token_url", "upstream", "issuer", "token_store"})
 
 
 def _show(name: str, value: str) -> str:
@@ -137,6 +140,14 @@ class Settings(BaseModel):
 
     # The authorization server and the client registration.
     token_url: str | None = Field(default=None, description="token endpoint URL")
+    issuer: str | None = Field(
+        default=None,
+        description="authorization server issuer; its RFC 8414 metadata names the token endpoint",
+    )
+    assertion_audience: AssertionAudience = Field(
+        default="issuer",
+        description="aud of private_key_jwt assertions: issuer (default) or token_endpoint",
+    )
     client_id: str | None = Field(default=None, description="OAuth client_id")
     client_secret: SecretStr | None = Field(default=None, description="OAuth client secret")
     scope: str | None = Field(default=None, description="space-separated scopes to request")
@@ -154,13 +165,26 @@ class Settings(BaseModel):
         default=False,
         description="accept a Bearer token when the AS does not bind it (unsafe; default off)",
     )
+    proofs_ahead: bool | None = Field(
+        default=None,
+        description="sign the next proof for a repeated method and URL ahead of time "
+        "(default: on for a pkcs11: key, off for a PEM key)",
+    )
     leeway: float = Field(
         default=30.0, ge=0, description="renew tokens this many seconds before expiry"
     )
     timeout: float = Field(default=10.0, gt=0, description="HTTP timeout in seconds")
+    token_store: str | None = Field(
+        default=None,
+        description="where tokens and nonces are shared: memory (default), sqlite:PATH, "
+        "redis://[user:password@]host:port/db or rediss://...?ca=PATH",
+    )
     ca_bundle: Path | None = Field(
         default=None,
         description="PEM file of CA certificates to trust instead of the system's store",
+    )
+    profile: Profile | None = Field(
+        default=None, description="hold the configuration to a client profile: fapi2"
     )
 
     # The local service (dpop serve / dpop proxy).
@@ -191,11 +215,39 @@ class Settings(BaseModel):
             raise ValueError(f"{shown} has a fragment; remove the '#...' part")
         return value
 
-    @field_serializer("key", "assertion_key", "token_url", "upstream")
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str | None) -> str | None:
+        from dpop_signer.discovery import check_issuer
+
+        if value is not None:
+            try:
+                check_issuer(value)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+    @field_serializer("key", "assertion_key", "token_url", "upstream", "issuer", "token_store")
     def _shown(self, value: str | None, info: FieldSerializationInfo) -> str | None:
         # model_dump and model_dump_json are for showing settings (with_values reads the
         # fields); a PIN in a key URI, and user info or a query in a URL, stay out of them.
         return None if value is None else _show(info.field_name, value)
+
+    @field_validator("token_store")
+    @classmethod
+    def _token_store(cls, value: str | None) -> str | None:
+        # The form only: the store is opened (and Redis's client imported) by build_auth.
+        if value is None:
+            return None
+        text = value.strip()
+        if text == "memory" or text.lower().startswith(("redis://", "rediss://")):
+            return text
+        if text.startswith("sqlite:") and text[len("sqlite:") :].strip("/"):
+            return text
+        raise ValueError(
+            f"{redact_url(text)!r} is not memory, sqlite:PATH, "
+            "redis://[user:password@]host:port/db or rediss://...?ca=PATH"
+        )
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
@@ -353,8 +405,10 @@ def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
         field = str(error["loc"][0]) if error["loc"] else "settings"
         where = sources.get(field, "default")
         message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "literal_error":
+        if error["type"] == "literal_error" and field == "client_auth":
             message = f"must be one of {', '.join(CLIENT_AUTH_METHODS)}"
+        elif error["type"] == "literal_error":
+            message = f"must be {error.get('ctx', {}).get('expected', 'one of the names listed')}"
         problems.append(f"{field} from {where}: {message}")
     return "; ".join(problems)
 
@@ -507,12 +561,21 @@ def build_auth(settings: Settings, signer: Signer, **overrides: Any) -> DPoPAuth
     ``overrides`` are passed to `DPoPAuth` as they are (``nonces=``, ``clock=``), for callers
     such as the service that share a nonce cache.
 
+    With ``issuer`` the token endpoint comes from the issuer's metadata unless ``token_url``
+    is given (`dpop_signer.discovery`), and what the metadata says must fit: the key's
+    algorithm and the client authentication method offered. With ``profile`` its rules are
+    checked (`dpop_signer.profiles`). All of it before any token request.
+
     Raises:
-        ConfigError: ``token_url`` or ``client_id`` is missing, or the client authentication
-            method needs a secret that is not configured.
+        ConfigError: ``token_url`` or ``client_id`` is missing, the client authentication
+            method needs a secret that is not configured, the metadata does not fit, or a
+            profile rule is broken.
+        OAuthError: the issuer's metadata is unusable (`dpop_signer.discovery.discover`).
     """
     from dpop_signer.auth import DPoPAuth
+    from dpop_signer.discovery import apply_discovery
 
+    settings, metadata = apply_discovery(settings)
     settings.require("token_url", "client_id")
     method = settings.effective_client_auth
     if method in ("client_secret_basic", "client_secret_post") and settings.client_secret is None:
@@ -532,6 +595,7 @@ def build_auth(settings: Settings, signer: Signer, **overrides: Any) -> DPoPAuth
             )
         else:
             assertion_signer = signer
+    _check_fit(settings, signer, assertion_signer, metadata)
     kwargs: dict[str, Any] = {
         "token_url": settings.token_url,
         "client_id": settings.client_id,
@@ -543,6 +607,73 @@ def build_auth(settings: Settings, signer: Signer, **overrides: Any) -> DPoPAuth
         "audience": settings.audience,
         "leeway": settings.leeway,
         "accept_bearer": settings.accept_bearer,
+        "token_store": settings.token_store or "memory",
+        "proofs_ahead": _proofs_ahead(settings),
     }
     kwargs.update(overrides)
-    return DPoPAuth(signer, **kwargs)
+    auth = DPoPAuth(signer, **kwargs)
+    _set_assertion_audience(auth, settings.issuer, settings.assertion_audience)
+    return auth
+
+
+def _proofs_ahead(settings: Settings) -> bool | None:
+    """``proofs_ahead`` as set, else from the key reference (the service wraps its signer)."""
+    from dpop_signer.signers import is_pkcs11_ref
+
+    if settings.proofs_ahead is not None or settings.key is None:
+        return settings.proofs_ahead
+    return is_pkcs11_ref(settings.key)
+
+
+def _check_fit(
+    settings: Settings,
+    signer: Signer,
+    assertion_signer: Signer | None,
+    metadata: ServerMetadata | None,
+) -> None:
+    """Raise `ConfigError` when the metadata or the profile refuses these settings."""
+    from dpop_signer.discovery import metadata_problems
+    from dpop_signer.profiles import profile_violations
+
+    problems: list[str] = []
+    if metadata is not None:
+        assertion_algorithm = None if assertion_signer is None else assertion_signer.algorithm
+        found = metadata_problems(
+            metadata,
+            dpop_algorithm=signer.algorithm,
+            client_auth=settings.effective_client_auth,
+            assertion_algorithm=assertion_algorithm,
+        )
+        problems = [text for _, text in found]
+    if settings.profile is not None:
+        violations = profile_violations(
+            settings, signer=signer, assertion_signer=assertion_signer, metadata=metadata
+        )
+        # "metadata agrees" repeats the metadata problems already listed.
+        problems += [str(v) for v in violations if not (v.rule == "metadata agrees" and problems)]
+    if problems:
+        if assertion_signer is not None and assertion_signer is not signer:
+            from dpop_signer.signers.base import close_signer
+
+            close_signer(assertion_signer)
+        raise ConfigError("; ".join(problems))
+
+
+def _set_assertion_audience(auth: DPoPAuth, issuer: str | None, mode: AssertionAudience) -> None:
+    """Give ``auth``'s token source the issuer and the assertion audience setting.
+
+    `DPoPAuth` takes no ``issuer=`` / ``assertion_audience=`` yet (`dpop_signer.flow` builds
+    the token source); until it does, its source is rebuilt here the way `DPoPFlow` builds it,
+    and the arguments are kept for the source `DPoPFlow.rotate` builds.
+    """
+    from dpop_signer.tokens import ClientCredentialsTokenSource
+
+    flow = auth.flow
+    flow._source_args.update(issuer=issuer, assertion_audience=mode)
+    source = flow.source
+    flow.source = ClientCredentialsTokenSource(
+        source.token_url,
+        source.client_id,
+        assertion_signer=source.assertion_signer,
+        **flow._source_args,
+    )

@@ -208,8 +208,7 @@ def _metadata(issuer: str, url: str, document: Mapping[str, Any]) -> ServerMetad
     token_endpoint = document.get("token_endpoint")
     if not isinstance(token_endpoint, str):
         raise OAuthError(
-            f"{where} has no token_endpoint (RFC 8414 §2); give the token endpoint with "
-            "--token-url"
+            f"{where} has no token_endpoint (RFC 8414 §2); give the token endpoint with --token-url"
         )
     try:
         check_http_url(token_endpoint, "token_endpoint")
@@ -318,31 +317,40 @@ def _default_client(
 def metadata_problems(
     metadata: ServerMetadata,
     *,
-    dpop_algorithm: str,
+    dpop_algorithm: str | None,
     client_auth: str,
     assertion_algorithm: str | None = None,
-) -> list[str]:
-    """What in ``metadata`` does not fit the client: one sentence per problem, with the fix.
+) -> list[tuple[str, str]]:
+    """What in ``metadata`` does not fit the client: ``(setting, sentence)`` per problem.
+
+    ``setting`` is the one that would fix it (``key``, ``client_auth``, ``assertion_key``); the
+    sentence says what is wrong and how to fix it.
 
     ``dpop_algorithm`` is the DPoP key's ``Signer.algorithm``; ``assertion_algorithm`` that of
-    the ``private_key_jwt`` assertion key. A list the server did not publish is no problem
-    (nothing is known against it); an empty one is.
+    the ``private_key_jwt`` assertion key (None: not known, not checked). A list the server
+    did not publish is no problem (nothing is known against it); an empty one is.
     """
-    problems = []
+    problems: list[tuple[str, str]] = []
     offered = metadata.dpop_signing_alg_values_supported
-    if offered is not None and dpop_algorithm not in offered:
+    if offered is not None and dpop_algorithm is not None and dpop_algorithm not in offered:
         problems.append(
-            f"the DPoP key signs {dpop_algorithm}, which issuer {metadata.issuer} does not "
-            f"offer for DPoP proofs (dpop_signing_alg_values_supported: {_listed(offered)}; "
-            "RFC 9449 §5.1); use a key of one of those algorithms (key) or allow "
-            f"{dpop_algorithm} at the server"
+            (
+                "key",
+                f"the DPoP key signs {dpop_algorithm}, which issuer {metadata.issuer} does not "
+                f"offer for DPoP proofs (dpop_signing_alg_values_supported: {_listed(offered)}; "
+                "RFC 9449 §5.1); use a key of one of those algorithms (key) or allow "
+                f"{dpop_algorithm} at the server",
+            )
         )
     methods = metadata.token_endpoint_auth_methods_supported
     if methods is not None and client_auth not in methods:
         problems.append(
-            f"client_auth {client_auth} is not offered by issuer {metadata.issuer} "
-            f"(token_endpoint_auth_methods_supported: {_listed(methods)}; RFC 8414 §2); "
-            "choose one of those (client_auth) or enable it at the server"
+            (
+                "client_auth",
+                f"client_auth {client_auth} is not offered by issuer {metadata.issuer} "
+                f"(token_endpoint_auth_methods_supported: {_listed(methods)}; RFC 8414 §2); "
+                "choose one of those (client_auth) or enable it at the server",
+            )
         )
     signing = metadata.token_endpoint_auth_signing_alg_values_supported
     if (
@@ -352,10 +360,13 @@ def metadata_problems(
         and assertion_algorithm not in signing
     ):
         problems.append(
-            f"the private_key_jwt assertion key signs {assertion_algorithm}, which issuer "
-            f"{metadata.issuer} does not accept (token_endpoint_auth_signing_alg_values_"
-            f"supported: {_listed(signing)}); use an assertion key of one of those "
-            "algorithms (assertion_key)"
+            (
+                "assertion_key",
+                f"the private_key_jwt assertion key signs {assertion_algorithm}, which issuer "
+                f"{metadata.issuer} does not accept (token_endpoint_auth_signing_alg_values_"
+                f"supported: {_listed(signing)}); use an assertion key of one of those "
+                "algorithms (assertion_key)",
+            )
         )
     return problems
 

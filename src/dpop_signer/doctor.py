@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import httpx
 
     from dpop_signer.config import Settings
+    from dpop_signer.discovery import ServerMetadata
     from dpop_signer.signers.base import Signer
 
 __all__ = ["Doctor", "run_doctor", "softhsm2_problem"]
@@ -236,7 +237,7 @@ def _pkcs11_steps(doc: Doctor, settings: Settings) -> Signer | None:
 
     try:
         # Through the backend's module object: every call into one module must hold its lock
-        # (DESIGN.md), and a second C_Initialize would fail.
+        # (docs/architecture.md, "Concurrency"), and a second C_Initialize would fail.
         token = module.call(module.find_token, uri)
     except DPoPSignerError as exc:
         problem = softhsm2_problem() if "softhsm" in module_path.lower() else None
@@ -335,11 +336,8 @@ def _sign_and_verify(doc: Doctor, signer: Signer, settings: Settings) -> None:
 def _server_steps(doc: Doctor, settings: Settings, signer: Signer | None) -> None:
     import httpx
 
-    steps = ["token endpoint reachable", "discovery advertises ES256", "DPoP token issued"]
-    if settings.token_url is None:
-        for step in steps:
-            doc.skip(step, "no token_url: give --token-url or set DPOP_TOKEN_URL")
-        return
+    algorithm = signer.algorithm if signer is not None else "ES256"
+    steps = ["token endpoint reachable", f"discovery advertises {algorithm}", "DPoP token issued"]
     from dpop_signer.tls import ssl_context
     from dpop_signer.tokens import USER_AGENT
 
@@ -349,18 +347,145 @@ def _server_steps(doc: Doctor, settings: Settings, signer: Signer | None) -> Non
         verify=ssl_context(settings.ca_bundle),
         headers={"User-Agent": USER_AGENT},
     ) as client:
+        metadata = None
+        if settings.issuer is not None:
+            settings, metadata = _issuer_step(doc, client, settings)
+        if settings.token_url is None:
+            for step in steps:
+                doc.skip(
+                    step,
+                    "no token endpoint: give --issuer or --token-url, or set DPOP_ISSUER or "
+                    "DPOP_TOKEN_URL",
+                )
+            _profile_steps(doc, settings, signer, metadata)
+            return
         if not _reachable(doc, client, settings.token_url):
             for step in steps[1:]:
                 doc.skip(step, "needs 'token endpoint reachable'")
+            _profile_steps(doc, settings, signer, metadata)
             return
-        _discovery(doc, client, settings.token_url)
+        fits = True
+        if metadata is not None:
+            fits = _fit_steps(doc, settings, metadata, algorithm)
+        else:
+            _discovery(doc, client, settings.token_url, algorithm)
+        _assertion_audience_step(doc, settings)
+        fits = _profile_steps(doc, settings, signer, metadata) and fits
         if signer is None:
             doc.skip(steps[2], "needs a working key")
             return
         if settings.client_id is None:
             doc.skip(steps[2], "no client_id: give --client-id or set DPOP_CLIENT_ID")
             return
+        if not fits:
+            # build_auth would refuse the same settings before any request.
+            doc.skip(steps[2], "needs the settings above to fit the server and the profile")
+            return
         _token(doc, client, settings, signer)
+
+
+def _issuer_step(
+    doc: Doctor, client: httpx.Client, settings: Settings
+) -> tuple[Settings, ServerMetadata | None]:
+    """Read the issuer's metadata; the token endpoint from it unless --token-url is given."""
+    from dpop_signer.discovery import fetch_metadata
+
+    step = "issuer metadata"
+    assert settings.issuer is not None
+    try:
+        metadata = fetch_metadata(settings.issuer, client)
+    except DPoPSignerError as exc:
+        doc.fail(step, str(exc))
+        return settings, None
+    endpoint = redact_url(metadata.token_endpoint)
+    if settings.token_url is None:
+        settings = settings.with_values(
+            f"discovery ({metadata.url})", token_url=metadata.token_endpoint
+        )
+        used = f"token_endpoint {endpoint} is used"
+    elif settings.token_url == metadata.token_endpoint:
+        used = f"token_endpoint {endpoint} equals --token-url"
+    else:
+        used = (
+            f"token_endpoint {endpoint}, but the token URL "
+            f"{redact_url(settings.token_url)} (from {settings.source_of('token_url')}) wins"
+        )
+    doc.ok(step, f"{redact_url(metadata.url)} names issuer {metadata.issuer}; {used}")
+    return settings, metadata
+
+
+def _fit_steps(doc: Doctor, settings: Settings, metadata: ServerMetadata, algorithm: str) -> bool:
+    """What the metadata offers against the key and the client authentication; True if it fits."""
+    from dpop_signer.discovery import metadata_problems
+
+    problems = dict(
+        metadata_problems(
+            metadata, dpop_algorithm=algorithm, client_auth=settings.effective_client_auth
+        )
+    )
+    step = f"discovery advertises {algorithm}"
+    fits = True
+    if "key" in problems:
+        doc.fail(step, problems["key"])
+        fits = False
+    elif metadata.dpop_signing_alg_values_supported is None:
+        doc.fail(
+            step,
+            f"{redact_url(metadata.url)} has no dpop_signing_alg_values_supported (RFC 9449 §5.1)",
+            "enable DPoP on the authorization server",
+        )
+    else:
+        doc.ok(step, f"dpop_signing_alg_values_supported lists {algorithm}")
+    step = "client authentication offered"
+    method = settings.effective_client_auth
+    if "client_auth" in problems:
+        doc.fail(step, problems["client_auth"])
+        fits = False
+    elif metadata.token_endpoint_auth_methods_supported is None:
+        doc.skip(step, "the metadata lists no token_endpoint_auth_methods_supported")
+    else:
+        doc.ok(step, f"token_endpoint_auth_methods_supported lists {method}")
+    return fits
+
+
+def _assertion_audience_step(doc: Doctor, settings: Settings) -> None:
+    if settings.effective_client_auth != "private_key_jwt":
+        return
+    step = "assertion audience"
+    if settings.assertion_audience == "token_endpoint":
+        doc.ok(
+            step,
+            f"aud is the token endpoint {redact_url(settings.token_url)} "
+            "(assertion_audience token_endpoint; servers that follow RFC 7523bis refuse it)",
+        )
+    elif settings.issuer is not None:
+        doc.ok(step, f"aud is the issuer {settings.issuer} (RFC 7523bis)")
+    else:
+        doc.ok(
+            step,
+            f"aud is the token endpoint {redact_url(settings.token_url)} because no issuer is "
+            "configured; servers that follow RFC 7523bis refuse it: give --issuer or set "
+            "DPOP_ISSUER",
+        )
+
+
+def _profile_steps(
+    doc: Doctor, settings: Settings, signer: Signer | None, metadata: ServerMetadata | None
+) -> bool:
+    """One step per rule of ``--profile``; True when none fails."""
+    from dpop_signer.profiles import check_profile
+
+    ok = True
+    for result in check_profile(settings, signer=signer, metadata=metadata):
+        step = f"{result.profile} {result.rule}"
+        if result.status == "ok":
+            doc.ok(step, result.detail)
+        elif result.status == "skip":
+            doc.skip(step, result.detail)
+        else:
+            doc.fail(step, result.detail, result.fix)
+            ok = False
+    return ok
 
 
 def _reachable(doc: Doctor, client: httpx.Client, token_url: str) -> bool:
@@ -464,15 +589,15 @@ def _well_known_urls(token_url: str) -> list[str]:
     ]
 
 
-def _discovery(doc: Doctor, client: httpx.Client, token_url: str) -> None:
-
-    step = "discovery advertises ES256"
+def _discovery(doc: Doctor, client: httpx.Client, token_url: str, algorithm: str) -> None:
+    """Without --issuer: the metadata found next to the token URL, if any, for information."""
+    step = f"discovery advertises {algorithm}"
     found = _discovery_document(client, token_url)
     if found is not None:
         url, metadata = found
         algs = metadata.get("dpop_signing_alg_values_supported")
-        if isinstance(algs, list) and "ES256" in algs:
-            doc.ok(step, f"dpop_signing_alg_values_supported lists ES256 ({redact_url(url)})")
+        if isinstance(algs, list) and algorithm in algs:
+            doc.ok(step, f"dpop_signing_alg_values_supported lists {algorithm} ({redact_url(url)})")
         elif algs is None:
             doc.fail(
                 step,
@@ -483,8 +608,9 @@ def _discovery(doc: Doctor, client: httpx.Client, token_url: str) -> None:
             doc.fail(
                 step,
                 f"{redact_url(url)} lists dpop_signing_alg_values_supported "
-                f"{sanitize_server_text(json.dumps(algs), limit=200)}, without ES256",
-                "allow ES256 for DPoP proofs on the authorization server",
+                f"{sanitize_server_text(json.dumps(algs), limit=200)}, without {algorithm}",
+                f"allow {algorithm} for DPoP proofs on the authorization server, or use a key "
+                "of a listed algorithm",
             )
         return
     doc.skip(step, "the server publishes no discovery document")

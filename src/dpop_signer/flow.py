@@ -14,6 +14,8 @@ send, read or lock themselves:
 - `SendApi`: send the application's request with these ``Authorization`` and ``DPoP`` header
   values (the reply is an `Answer`: the few response headers the protocol reads);
 - `Lock` and `Slot`: the token fetch lock and the ``max_in_flight`` request slots;
+- `TakeAhead`, `SignAhead`: a proof made ahead of time for a repeated (method, URL), and the
+  next one to make in the background, only with ``proofs_ahead`` on (`dpop_signer.ahead`);
 - `StoreCall`, `TakeLease`, `ReleaseLease`, `AwaitFetch`: the shared token store (issue 12),
   only with a ``token_store`` other than ``memory``: blocking calls, which the async driver
   runs in a thread (`dpop_signer.stores.base` says why the store API is synchronous).
@@ -60,6 +62,7 @@ from typing import Any, NamedTuple, TypedDict, TypeVar
 
 import httpx
 
+from dpop_signer.ahead import ProofsAhead, SignAhead, TakeAhead, proofs_ahead_default
 from dpop_signer.challenges import dpop_error
 from dpop_signer.errors import (
     ConfigError,
@@ -150,6 +153,7 @@ class DPoPOptions(TypedDict, total=False):
     clock: Callable[[], float]
     max_in_flight: int | None
     token_store: str | TokenStore
+    proofs_ahead: bool | None
 
 
 class Sign(NamedTuple):
@@ -221,7 +225,10 @@ class AwaitFetch(NamedTuple):
     clock: Callable[[], float]
 
 
-Step = Sign | SendToken | SendApi | Lock | Slot | StoreCall | TakeLease | ReleaseLease | AwaitFetch
+Step = (
+    Sign | SendToken | SendApi | Lock | Slot | StoreCall | TakeLease | ReleaseLease | AwaitFetch
+    | SignAhead | TakeAhead
+)  # fmt: skip
 Flow = Generator[Step, Any, T]
 Exchange = SendToken | SendApi
 """The steps a client's own driver carries out."""
@@ -314,6 +321,7 @@ class DPoPFlow:
         clock: Callable[[], float] = time.time,
         max_in_flight: int | None = 100,
         token_store: str | TokenStore = "memory",
+        proofs_ahead: bool | None = None,
     ) -> None:
         if max_in_flight is not None and (
             isinstance(max_in_flight, bool)
@@ -348,6 +356,10 @@ class DPoPFlow:
         )
         self.proofs = DPoPProofBuilder(signer, clock=clock)
         """The builder of the current key (replaced whole by `rotate`)."""
+        if proofs_ahead is None:
+            proofs_ahead = proofs_ahead_default(signer)
+        self.ahead = ProofsAhead(clock=clock) if proofs_ahead else None
+        """Proofs made ahead of time (`dpop_signer.ahead`), or None when off."""
         # The store is opened last, so that a setting refused above leaves nothing to close;
         # a URL is opened (and closed in `close`) here, a store object is the caller's.
         self.store: TokenStore = open_store(token_store)
@@ -407,6 +419,32 @@ class DPoPFlow:
         logger.info("DPoP key rotated: jkt %s -> %s; a new token will be fetched", old, proofs.jkt)
         return proofs.jkt
 
+    def invalidate(self) -> None:
+        """Forget the cached token; the next request fetches a new one (not the stored one)."""
+        entry = self.cache.entry
+        if entry is not None:
+            self._refused = entry.token.value
+        self.cache.clear()
+
+    def close(self) -> None:
+        """Close the token store if it was opened from a URL here (a store object is not)."""
+        if self._owns_store:
+            self.store.close()
+
+    def store_key(self, proofs: DPoPProofBuilder) -> str:
+        """The store key of the token for ``proofs``'s key (`dpop_signer.stores.token_key`)."""
+        source = self.source
+        args = self._source_args
+        resource = args["resource"]
+        return token_key(
+            source.htu,
+            source.client_id,
+            scope=args["scope"],
+            resources=[resource] if isinstance(resource, str) else list(resource or ()),
+            audience=args["audience"],
+            jkt=proofs.jkt,
+        )
+
     def unreachable(self, cause: BaseException) -> ServerUnreachableError:
         """The error for a token request that could not be sent (``cause`` chained)."""
         detail = str(cause) or "no detail"
@@ -449,20 +487,32 @@ class DPoPFlow:
         # Normalized once: the nonce cache and the builder then hit their caches by string.
         htu = normalize_htu(url)
         nonce = self.nonces.get(htu)
+        if nonce is None and self.nonces.store is not None:
+            nonce = yield from self._stored_nonce(htu)
         nonce_retried = renewed = False
+        ahead = self.ahead
         # Each retry spends a flag that forbids its own kind, so the third send is the last.
-        for _ in range(3):
+        for attempt in range(3):
             proofs = entry.proofs  # the token's key, never another (see the module docstring)
-            prepared = proofs.prepare(method, htu, access_token=entry.token.value, nonce=nonce)
-            signature = yield Sign(proofs.signer, prepared.signing_input.encode("ascii"))
+            signature = None
+            if ahead is not None and not attempt:  # retries always sign afresh
+                take = ahead.take(method, htu, entry, nonce)
+                if take is not None:
+                    signature = yield take
+                    prepared = take.pending.prepared
+            if signature is None:
+                prepared = proofs.prepare(method, htu, access_token=entry.token.value, nonce=nonce)
+                signature = yield Sign(proofs.signer, prepared.signing_input.encode("ascii"))
             answer: Answer = yield SendApi(entry.authorization, proofs.finish(prepared, signature))
-            self._observe(htu, answer)
+            yield from self._observe(htu, answer)
             status = answer.status
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "%s %s -> %d (jti=%s, jkt=%s)", method, htu, status, prepared.jti, proofs.jkt
                 )
             if status != 401:
+                if ahead is not None:
+                    yield from self._sign_ahead(method, htu, self.nonces.get(htu))
                 return
             error = dpop_error(answer.challenges)
             where = f"{method} {htu}"
@@ -506,13 +556,32 @@ class DPoPFlow:
         """
         if nonce is None:
             nonce = self.nonces.get(htu)
+            if nonce is None and self.nonces.store is not None:
+                nonce = yield from self._stored_nonce(htu)
         entry = self.cache.fresh(self.proofs, None)
         if entry is None:
             entry = yield from self.token_flow(None, timeout)
         proofs = entry.proofs
-        prepared = proofs.prepare(htm, htu, access_token=entry.token.value, nonce=nonce)
-        signature = yield Sign(proofs.signer, prepared.signing_input.encode("ascii"))
-        return {"Authorization": entry.authorization, "DPoP": proofs.finish(prepared, signature)}
+        ahead = self.ahead
+        take = None if ahead is None else ahead.take(htm, htu, entry, nonce)
+        signature = None if take is None else (yield take)
+        if take is not None and signature is not None:
+            prepared = take.pending.prepared
+        else:
+            prepared = proofs.prepare(htm, htu, access_token=entry.token.value, nonce=nonce)
+            signature = yield Sign(proofs.signer, prepared.signing_input.encode("ascii"))
+        headers = {"Authorization": entry.authorization, "DPoP": proofs.finish(prepared, signature)}
+        if ahead is not None:
+            # The caller sends it, not us: the next proof for this pair carries this nonce.
+            yield from self._sign_ahead(htm, htu, nonce)
+        return headers
+
+    def _sign_ahead(self, method: str, htu: str, nonce: str | None) -> Flow[None]:
+        """After (method, htu) was answered: have its next proof signed in the background."""
+        assert self.ahead is not None
+        step = self.ahead.plan(method, htu, self.cache.fresh(self.proofs, None), nonce)
+        if step is not None:
+            yield step
 
     def token_flow(self, rejected: CachedToken | None, timeout: object) -> Flow[CachedToken]:
         """A token of the current key: cached, renewed, or fetched (one fetch at a time).
@@ -542,7 +611,10 @@ class DPoPFlow:
                 # waiter would try in turn, one timeout after another.
                 raise cache.shared(failure)
             cache.raise_while_backing_off()
-            entry = yield from self._fetch_shared(timeout)
+            if self.shared:
+                entry = yield from self._obtain(rejected, timeout)
+            else:
+                entry = yield from self._fetch_shared(timeout)
         yield Lock.RELEASE
         return entry
 
@@ -559,7 +631,10 @@ class DPoPFlow:
         entry = cache.fresh(self.proofs, rejected)
         if entry is None and not cache.backing_off():
             try:
-                entry = yield from self._fetch_shared(timeout)
+                if self.shared:
+                    entry = yield from self._renew_shared(current, rejected, timeout)
+                else:
+                    entry = yield from self._fetch_shared(timeout)
             except OAuthError as exc:
                 left = (
                     "unknown"
@@ -581,12 +656,139 @@ class DPoPFlow:
             self.cache.failed(exc, self.source.htu)
             raise
 
+    # -- the shared store: adopt, lease, wait, fetch, share (see the module docstring) ----------
+
+    def _obtain(self, rejected: CachedToken | None, timeout: object) -> Flow[CachedToken]:
+        """A token for the current key when none can be sent: a stored one, or fetched once."""
+        store, proofs = self.store, self.proofs
+        key = self.store_key(proofs)
+        ttl = _lease_ttl(timeout)
+        for _ in range(_STORE_ROUNDS):
+            snap: Snapshot = yield StoreCall(store.snapshot, (key,))
+            entry = self._adopt(snap.token, proofs, rejected)
+            if entry is not None:
+                return entry
+            failure = snap.failure
+            if failure is not None and self.clock() < failure.retry_at:
+                raise self._shared_failure(failure)
+            lease: str | None = yield TakeLease(store, key, ttl)
+            if lease is not None:
+                return (yield from self._fetch_leased(key, lease, failure, timeout))
+            outcome: Outcome = yield AwaitFetch(store, key, ttl + _WAIT_SLACK, self.clock)
+            entry = self._adopt(outcome.token, proofs, rejected)
+            if entry is not None:
+                return entry
+            if outcome.failure is not None:
+                raise self._shared_failure(outcome.failure)
+            # Neither: the holder went away without an outcome (killed); try the lease again.
+        logger.warning(
+            "the token store's fetch lease stayed taken for %d rounds; fetching without it",
+            _STORE_ROUNDS,
+        )
+        return (yield from self._fetch_shared(timeout))
+
+    def _renew_shared(
+        self, current: CachedToken, rejected: CachedToken | None, timeout: object
+    ) -> Flow[CachedToken | None]:
+        """Renew through the store: another process's renewal or one fetch; None: keep it."""
+        store, proofs = self.store, self.proofs
+        key = self.store_key(proofs)
+        snap: Snapshot = yield StoreCall(store.snapshot, (key,))
+        stored = snap.token
+        if stored is not None and _later(stored, current):
+            entry = self._adopt(stored, proofs, rejected)
+            if entry is not None and self.cache.fresh(proofs, rejected) is entry:
+                return entry
+        failure = snap.failure
+        if failure is not None and self.clock() < failure.retry_at:
+            self._shared_failure(failure)  # this process backs off too
+            return None
+        lease: str | None = yield TakeLease(store, key, _lease_ttl(timeout))
+        if lease is None:
+            return None  # another process is renewing: ``current`` is still good
+        return (yield from self._fetch_leased(key, lease, failure, timeout))
+
+    def _fetch_leased(
+        self, key: str, lease: str, previous: StoredFailure | None, timeout: object
+    ) -> Flow[CachedToken]:
+        """Fetch holding the store's lease; share the token or the failure; give the lease back.
+
+        ``previous`` is the failure stored before: the backoff counts failures across
+        processes. (A flow closed mid-fetch has its lease released by the driver.)
+        """
+        store = self.store
+        try:
+            entry = yield from self._fetch_token(timeout)
+        except OAuthError as exc:
+            count = 1 if previous is None else previous.count + 1
+            failure = self.cache.failed(exc, self.source.htu, count=count)
+            shared = StoredFailure.from_error(
+                exc, retry_at=failure.retry_at, count=failure.count, lease=lease
+            )
+            yield StoreCall(store.record_failure, (key, shared))
+            yield ReleaseLease(store, key, lease)
+            raise
+        token = entry.token
+        now = self.clock()
+        ttl = _STORED_TOKEN_CAP if token.expires_at is None else token.expires_at - now
+        if ttl > 0:
+            stored = StoredToken(token.value, token.token_type, token.expires_at)
+            yield StoreCall(store.put, (key, stored, min(ttl, _STORED_TOKEN_CAP)))
+        yield ReleaseLease(store, key, lease)
+        return entry
+
+    def _adopt(
+        self, stored: StoredToken | None, proofs: DPoPProofBuilder, rejected: CachedToken | None
+    ) -> CachedToken | None:
+        """A stored token, cached as this process's, if it may be sent with ``proofs``'s key."""
+        if stored is None or stored.value == self._refused:
+            return None
+        if rejected is not None and stored.value == rejected.token.value:
+            return None  # the server just refused it (invalid_token): never take it back
+        kind = stored.token_type.lower()
+        if kind != "dpop" and not (kind == "bearer" and self.source.accept_bearer):
+            return None
+        token = AccessToken(stored.value, stored.token_type, stored.expires_at)
+        now = self.clock()
+        entry = self.cache.adopt(token, proofs, now)
+        if entry is not None:
+            logger.info(
+                "took the %s token another process fetched from the token store (expires in %s, "
+                "jkt=%s)",
+                token.token_type,
+                "unknown" if token.expires_at is None else f"{token.expires_at - now:.0f} s",
+                proofs.jkt,
+            )
+        return entry
+
+    def _shared_failure(self, stored: StoredFailure) -> OAuthError:
+        """Record another process's failed fetch here (with its backoff); the error to raise."""
+        error = stored.to_error()
+        if stored.retry_at > self.clock():
+            error.retry_after = stored.retry_at - self.clock()
+        failure = self.cache.adopt_failure(error, stored.count, stored.retry_at)
+        return self.cache.shared(failure)
+
+    def _stored_nonce(self, htu: str) -> Flow[str | None]:
+        """On a local miss, the nonce another process shared for ``htu``'s origin (if asked now)."""
+        nonces = self.nonces
+        store = nonces.store
+        origin = nonces.lookup_due(htu)
+        if store is None or origin is None:
+            return None
+        value = yield StoreCall(store.get_nonce, (origin,))
+        return nonces.found(htu, value)
+
+    # -- token requests ----------------------------------------------------------------------
+
     def _fetch_token(self, timeout: object) -> Flow[CachedToken]:
         # One key for the whole fetch: the token is bound to the key of its proofs.
         proofs = self.proofs
         source = self.source
         where = f"token endpoint {source.htu}"
         nonce = self.nonces.get(source.htu)
+        if nonce is None and self.nonces.store is not None:
+            nonce = yield from self._stored_nonce(source.htu)
         response = yield from self._token_attempt(source, proofs, nonce, timeout)
         try:
             return self._accept(source, proofs, response)
@@ -635,7 +837,7 @@ class DPoPFlow:
             request.extensions["timeout"] = timeout
         self.token_requests += 1
         response: httpx.Response = yield SendToken(request)
-        self._observe(source.htu, answer_of_httpx(response))
+        yield from self._observe(source.htu, answer_of_httpx(response))
         logger.info(
             "token request %d to %s -> %d (jti=%s, jkt=%s)",
             self.token_requests, source.htu, response.status_code, prepared.jti, proofs.jkt,
@@ -659,9 +861,14 @@ class DPoPFlow:
         )  # fmt: skip
         return entry
 
-    def _observe(self, htu: str, answer: Answer) -> None:
-        if answer.nonce is not None:
-            self.nonces.learn(htu, {"dpop-nonce": answer.nonce})
+    def _observe(self, htu: str, answer: Answer) -> Flow[None]:
+        nonce = answer.nonce
+        if nonce is not None:
+            nonces = self.nonces
+            origin = nonces.update(htu, nonce)
+            if origin is not None and nonces.store is not None:
+                # A new nonce (not the one repeated on every response): share it (RFC 9449 §8.2).
+                yield StoreCall(nonces.store.put_nonce, (origin, nonce, SHARED_NONCE_TTL))
         date = answer.date
         if date is not None and date != self._last_date and not answer.cached:
             # A cached response (Age) carries an old Date: it says nothing about the clock.
@@ -735,6 +942,7 @@ def drive_sync(flow: Flow[T], gate: SyncGate) -> Generator[Exchange, Any, T]:
     reply: Any = None
     error: OAuthError | None = None  # a failed token request, for the flow to handle
     locked = slot = False
+    lease: ReleaseLease | None = None  # a store lease held, released if the flow ends early
     try:
         while True:
             try:
@@ -746,6 +954,10 @@ def drive_sync(flow: Flow[T], gate: SyncGate) -> Generator[Exchange, Any, T]:
             kind = type(step)
             if kind is Sign:
                 reply = step.signer.sign(step.message)  # type: ignore[union-attr]
+            elif kind is TakeAhead:
+                reply = step.result()  # type: ignore[union-attr]
+            elif kind is SignAhead:
+                step.start()  # type: ignore[union-attr]
             elif kind is SendApi:
                 reply = yield step  # type: ignore[misc]
             elif kind is SendToken:
@@ -753,6 +965,20 @@ def drive_sync(flow: Flow[T], gate: SyncGate) -> Generator[Exchange, Any, T]:
                     reply = yield step  # type: ignore[misc]
                 except OAuthError as exc:  # the send failed: the flow records it
                     error = exc
+            elif kind is StoreCall:
+                reply = step.function(*step.args)  # type: ignore[union-attr]
+            elif kind is TakeLease:
+                take: TakeLease = step  # type: ignore[assignment]
+                reply = take.store.try_lease(take.key, take.ttl)
+                lease = None if reply is None else ReleaseLease(take.store, take.key, reply)
+            elif kind is ReleaseLease:
+                lease = None
+                step.store.release(step.key, step.lease)  # type: ignore[union-attr]
+            elif kind is AwaitFetch:
+                wait: AwaitFetch = step  # type: ignore[assignment]
+                reply = wait_for_outcome(
+                    wait.store, wait.key, timeout=wait.timeout, clock=wait.clock
+                )
             elif step is Lock.ACQUIRE:
                 gate.lock.acquire()
                 locked = True
@@ -765,6 +991,8 @@ def drive_sync(flow: Flow[T], gate: SyncGate) -> Generator[Exchange, Any, T]:
                 gate.slots.acquire()
                 slot = True
     finally:
+        if lease is not None:
+            lease.store.release(lease.key, lease.lease)
         if locked:
             gate.lock.release()
         if slot and gate.slots is not None:
@@ -782,6 +1010,7 @@ async def drive_async(
     reply: Any = None
     error: OAuthError | None = None
     locked = slot = False
+    lease: ReleaseLease | None = None
     try:
         while True:
             try:
@@ -794,6 +1023,10 @@ async def drive_async(
             kind = type(step)
             if kind is Sign:
                 reply = await sign_async(step.signer, step.message)  # type: ignore[union-attr]
+            elif kind is TakeAhead:
+                reply = await step.result_async()  # type: ignore[union-attr]
+            elif kind is SignAhead:
+                step.start_async()  # type: ignore[union-attr]
             elif kind is SendApi:
                 reply = yield step  # type: ignore[misc]
             elif kind is SendToken:
@@ -801,6 +1034,23 @@ async def drive_async(
                     reply = yield step  # type: ignore[misc]
                 except OAuthError as exc:
                     error = exc
+            elif kind is StoreCall:
+                call: StoreCall = step  # type: ignore[assignment]
+                reply = await asyncio.to_thread(call.function, *call.args)
+            elif kind is TakeLease:
+                take: TakeLease = step  # type: ignore[assignment]
+                # Noted before the await returns: a task cancelled meanwhile still releases it.
+                reply = await asyncio.to_thread(take.store.try_lease, take.key, take.ttl)
+                lease = None if reply is None else ReleaseLease(take.store, take.key, reply)
+            elif kind is ReleaseLease:
+                give: ReleaseLease = step  # type: ignore[assignment]
+                lease = None
+                await asyncio.to_thread(give.store.release, give.key, give.lease)
+            elif kind is AwaitFetch:
+                wait: AwaitFetch = step  # type: ignore[assignment]
+                reply = await await_outcome(
+                    wait.store, wait.key, timeout=wait.timeout, clock=wait.clock
+                )
             elif step is Lock.ACQUIRE:
                 # Flagged only once held: a task cancelled while waiting must not release.
                 gate.waiting += 1
@@ -822,11 +1072,24 @@ async def drive_async(
                 await gate.slots.acquire()
                 slot = True
     finally:
+        if lease is not None:
+            await _release_async(lease)
         if locked:
             gate.lock.release()
         if slot and gate.slots is not None:
             gate.slots.release()
         flow.close()
+
+
+async def _release_async(lease: ReleaseLease) -> None:
+    """Give a store lease back from a closing async flow (inline if the thread hop fails)."""
+    try:
+        await asyncio.to_thread(lease.store.release, lease.key, lease.lease)
+    except BaseException:
+        # Cancelled (or the loop is closing): one quick call inline rather than leaving the
+        # others to wait for the lease to expire.
+        lease.store.release(lease.key, lease.lease)
+        raise
 
 
 def cancelling() -> bool:
@@ -845,6 +1108,40 @@ def _require_rewindable(
         "one-shot stream that was already sent and is not re-sent silently; pass the body as "
         "bytes or read it into memory before sending"
     )
+
+
+def _lease_ttl(timeout: object) -> float:
+    """The fetch lease time for a token request with ``timeout`` (see `_LEASE_MIN`)."""
+    seconds = _timeout_seconds(timeout)
+    if seconds is None:
+        return _LEASE_MAX
+    return min(_LEASE_MAX, max(_LEASE_MIN, 2 * seconds + 5))
+
+
+def _timeout_seconds(timeout: object) -> float | None:
+    """The longest phase of a client timeout (httpx dict, requests tuple, aiohttp ``total``)."""
+    values: list[object]
+    if isinstance(timeout, dict):
+        values = list(timeout.values())
+    elif isinstance(timeout, tuple | list):
+        values = list(timeout)
+    else:
+        values = [getattr(timeout, "total", timeout)]
+    numbers = [
+        float(v)
+        for v in values
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    ]
+    # A phase without a timeout (None) may take any time: the lease then has its longest term.
+    return max(numbers) if numbers and len(numbers) == len(values) else None
+
+
+def _later(stored: StoredToken, current: CachedToken) -> bool:
+    """True if ``stored`` is another token than ``current`` and expires later."""
+    if stored.value == current.token.value:
+        return False
+    mine = current.token.expires_at
+    return stored.expires_at is None or (mine is not None and stored.expires_at > mine)
 
 
 def _with_retry_after(error: OAuthError, response: httpx.Response) -> OAuthError:

@@ -1,12 +1,14 @@
 """DPoP proofs (RFC 9449 §4): a compact JWS per request, signed by a `Signer`.
 
-A proof is ``b64url(header) "." b64url(claims) "." b64url(r||s)``. The header
-``{"typ":"dpop+jwt","alg":"ES256","jwk":{...}}`` never changes for one key, so the builder
-encodes it once; per proof only the claims are serialized, from a template in which just the
-parts that vary (``jti``, ``htu``, ``iat``, ``ath``, ``nonce``) are filled in. Every variable
-part is either validated to need no JSON escaping (``htm`` is an RFC 9110 token, ``nonce`` is
-``1*NQCHAR``, ``ath`` and the default ``jti`` are base64url) or escaped by `json.dumps` (``htu``,
-only when it contains a quote, a backslash or a control character). A proof then costs one
+A proof is ``b64url(header) "." b64url(claims) "." b64url(signature)``. The header
+``{"typ":"dpop+jwt","alg":"ES256","jwk":{...}}`` (``alg`` and ``jwk`` are the signer's: ES256,
+ES384, ES512, EdDSA, PS256 or RS256) never changes for one key, so the builder encodes it once,
+with the width every signature of that key must have; per proof only the claims are
+serialized, from a template in which just the parts that vary (``jti``, ``htu``, ``iat``,
+``ath``, ``nonce``) are filled in. Every variable part is either validated to need no JSON
+escaping (``htm`` is an RFC 9110 token, ``nonce`` is ``1*NQCHAR``, ``ath`` and the default
+``jti`` are base64url) or escaped by `json.dumps` (``htu``, only when it contains a quote, a
+backslash or a control character). A proof then costs one
 signature plus a few microseconds, which is why this is not built on a general JOSE library.
 
 >>> builder = DPoPProofBuilder(load_signer("key.pem"))  # doctest: +SKIP
@@ -32,7 +34,7 @@ import httpx
 
 from dpop_signer.errors import ProofError
 from dpop_signer.jose import TOKEN, TOKEN68, b64url_bytes, b64url_encode, is_nonce
-from dpop_signer.jwk import SIGNATURE_SIZE, jwk_thumbprint
+from dpop_signer.jwk import SIGNATURE_SIZE, jwk_signature_size, jwk_thumbprint
 from dpop_signer.signers.base import Signer, check_signature, sign_async
 
 # Re-exported: these were defined here before `dpop_signer.urls` and `dpop_signer.jose` held
@@ -119,14 +121,24 @@ def _json_string(text: str) -> str:
     return json.dumps(text)
 
 
-def compact_jws(signing_input: str, signature: bytes, *, source: str = "signer") -> str:
-    """Join a JWS signing input and its 64-byte ES256 signature into compact form (RFC 7515).
+def compact_jws(
+    signing_input: str,
+    signature: bytes,
+    *,
+    source: str = "signer",
+    size: int = SIGNATURE_SIZE,
+    algorithm: str = "ES256",
+) -> str:
+    """Join a JWS signing input and its signature into compact form (RFC 7515).
+
+    ``size`` is the width ``algorithm``'s signatures must have: 64 bytes of r||s for ES256 (the
+    default), see `dpop_signer.jwk.jwk_signature_size` for the others.
 
     Raises:
-        SigningFailedError: the signature is not exactly 64 bytes of r||s.
+        SigningFailedError: the signature is not exactly ``size`` bytes.
     """
-    if len(signature) != SIGNATURE_SIZE:
-        check_signature(signature, source=source)
+    if len(signature) != size:
+        check_signature(signature, source=source, size=size, algorithm=algorithm)
     return f"{signing_input}.{b64url_encode(signature)}"
 
 
@@ -143,7 +155,7 @@ class DPoPProofBuilder:
     """Builds RFC 9449 DPoP proofs signed by one `Signer`.
 
     Args:
-        signer: The ES256 key. Its public JWK goes into every proof header.
+        signer: The key; its ``algorithm`` and public JWK go into every proof header.
         clock: Seconds since the epoch; ``iat`` is ``int(clock() + clock_offset)``.
         jti: Returns a fresh ``jti`` per proof; the default has 128 random bits. Injected only
             by tests: a ``jti`` must never repeat.
@@ -172,6 +184,8 @@ class DPoPProofBuilder:
             b64url_bytes(json.dumps(header, separators=(",", ":")).encode("utf-8")) + b"."
         )
         self._jkt = jwk_thumbprint(jwk)
+        self._algorithm = signer.algorithm
+        self._size = jwk_signature_size(jwk)
         self._source = f"signer {type(signer).__name__}"
         # One-entry cache: a client sends the same access token for many requests in a row.
         self._ath_cache: tuple[str | None, str] = (None, "")
@@ -246,12 +260,20 @@ class DPoPProofBuilder:
 
     def finish(self, prepared: PreparedProof, signature: bytes) -> str:
         """Attach the signature of ``prepared.signing_input``; returns the compact proof."""
-        return compact_jws(prepared.signing_input, signature, source=self._source)
+        return compact_jws(
+            prepared.signing_input,
+            signature,
+            source=self._source,
+            size=self._size,
+            algorithm=self._algorithm,
+        )
 
     def _seal(self, message: bytes, signature: bytes) -> str:
         # `compact_jws` for the bytes the hot path already has: no str round trip.
-        if len(signature) != SIGNATURE_SIZE:
-            check_signature(signature, source=self._source)
+        if len(signature) != self._size:
+            check_signature(
+                signature, source=self._source, size=self._size, algorithm=self._algorithm
+            )
         return b".".join((message, b64url_bytes(signature))).decode("ascii")
 
     def _message(

@@ -14,7 +14,12 @@ Client authentication (RFC 6749 §2.3, RFC 7523, OpenID Connect Core §9):
 - ``client_secret_post``: ``client_id`` and ``client_secret`` in the form body.
 - ``private_key_jwt``: an RFC 7523 assertion signed with ES256 by a `Signer` (the DPoP key or
   another one; both may live in the HSM). A fresh assertion, with a fresh ``jti``, goes with
-  every attempt, the nonce retry included, since servers reject a replayed ``jti``.
+  every attempt, the nonce retry included, since servers reject a replayed ``jti``. Its ``aud``
+  is the authorization server's issuer identifier, as one string
+  (draft-ietf-oauth-rfc7523bis, which closes the audience-confusion attack on RFC 7523 §3's
+  token endpoint audience; FAPI 2.0 demands it too). ``assertion_audience="token_endpoint"``
+  keeps the token endpoint URL for servers that still demand it, and so does a client that
+  knows no issuer (logged once).
 - ``none``: a public client; only ``client_id`` is sent.
 
 Responses are read as RFC 6749 §5.1 (success) or §5.2 (error). A token whose ``token_type``
@@ -43,7 +48,8 @@ from urllib.parse import quote_plus, urlencode
 import httpx
 
 from dpop_signer import __version__
-from dpop_signer.config_names import ClientAuth
+from dpop_signer.config_names import AssertionAudience, ClientAuth
+from dpop_signer.discovery import check_issuer
 from dpop_signer.errors import (
     ConfigError,
     InvalidTokenResponseError,
@@ -62,6 +68,7 @@ __all__ = [
     "CLIENT_ASSERTION_TYPE",
     "USER_AGENT",
     "AccessToken",
+    "AssertionAudience",
     "CachedToken",
     "ClientAuth",
     "ClientCredentialsTokenSource",
@@ -144,6 +151,10 @@ class ClientCredentialsTokenSource:
         accept_bearer: Accept ``token_type: Bearer``. Off by default: a DPoP client that gets
             a bearer token has been downgraded.
         assertion_lifetime: Seconds a ``private_key_jwt`` assertion is valid (``exp - iat``).
+        issuer: The authorization server's issuer identifier (RFC 8414 §2), from its metadata
+            (`dpop_signer.discovery`) or configured; the ``aud`` of client assertions.
+        assertion_audience: ``"issuer"`` (default) or ``"token_endpoint"``: what a
+            ``private_key_jwt`` assertion's ``aud`` is (see the module docstring).
 
     Raises:
         ConfigError: a missing or contradictory setting.
@@ -162,6 +173,8 @@ class ClientCredentialsTokenSource:
         audience: str | None = None,
         accept_bearer: bool = False,
         assertion_lifetime: float = 60.0,
+        issuer: str | None = None,
+        assertion_audience: AssertionAudience = "issuer",
     ) -> None:
         if client_auth not in get_args(ClientAuth):
             raise ConfigError(
@@ -199,6 +212,10 @@ class ClientCredentialsTokenSource:
                 )
         if not (assertion_lifetime > 0 and math.isfinite(assertion_lifetime)):
             raise ConfigError("assertion_lifetime must be a positive number of seconds")
+        self._issuer = None if issuer is None else check_issuer(issuer)
+        self._assertion_aud = _assertion_aud(assertion_audience, self._issuer, token_url)
+        # Issuer wanted but unknown: the token endpoint it is, said once when first used.
+        self._aud_fallback = assertion_audience == "issuer" and self._issuer is None
         self._token_url = token_url
         self._client_id = client_id
         self._client_secret = client_secret
@@ -246,11 +263,21 @@ class ClientCredentialsTokenSource:
         """The signer of ``private_key_jwt`` assertions (None for other methods)."""
         return self._assertion_signer
 
+    @property
+    def issuer(self) -> str | None:
+        """The authorization server's issuer identifier, when known."""
+        return self._issuer
+
+    @property
+    def assertion_aud(self) -> str:
+        """The ``aud`` of this client's assertions: the issuer, or the token endpoint URL."""
+        return self._assertion_aud
+
     def assertion_signing_input(self, now: float) -> str:
         """The unsigned RFC 7523 §3 client assertion for a request made at ``now``.
 
-        ``iss`` and ``sub`` are the client id, ``aud`` the token endpoint URL, ``jti`` 128
-        random bits, ``exp`` ``assertion_lifetime`` seconds after ``iat``. Sign
+        ``iss`` and ``sub`` are the client id, ``aud`` `assertion_aud` (one string), ``jti``
+        128 random bits, ``exp`` ``assertion_lifetime`` seconds after ``iat``. Sign
         ``result.encode("ascii")`` with `assertion_signer` and join with `finish_assertion`.
 
         Raises:
@@ -259,12 +286,14 @@ class ClientCredentialsTokenSource:
         signer = self._assertion_signer
         if signer is None:
             raise ConfigError("client assertions are only made for client_auth private_key_jwt")
+        if self._aud_fallback:
+            _tell_no_issuer(self._token_url)
         iat = int(now)
         header = {"alg": signer.algorithm, "typ": "JWT"}
         claims = {
             "iss": self._client_id,
             "sub": self._client_id,
-            "aud": self._token_url,
+            "aud": self._assertion_aud,
             "jti": default_jti(),
             "iat": iat,
             "exp": iat + int(self._assertion_lifetime),
@@ -435,6 +464,35 @@ class ClientCredentialsTokenSource:
         )
 
 
+_told_no_issuer: set[str] = set()
+
+
+def _assertion_aud(mode: AssertionAudience, issuer: str | None, token_url: str) -> str:
+    """The ``aud`` of client assertions for ``mode`` (draft-ietf-oauth-rfc7523bis)."""
+    if mode not in get_args(AssertionAudience):
+        raise ConfigError(
+            f"assertion_audience {mode!r} is not one of " + ", ".join(get_args(AssertionAudience))
+        )
+    if mode == "token_endpoint" or issuer is None:
+        # As configured: the URL the request goes to, which servers compare with their own.
+        return token_url
+    # One string, never an array (draft-ietf-oauth-rfc7523bis).
+    return issuer
+
+
+def _tell_no_issuer(token_url: str) -> None:
+    """Log, once per token endpoint, that assertions fall back to its URL as ``aud``."""
+    if token_url in _told_no_issuer:
+        return
+    _told_no_issuer.add(token_url)
+    logger.info(
+        "private_key_jwt assertions name the token endpoint %s as aud because no issuer is "
+        "known; servers that follow draft-ietf-oauth-rfc7523bis refuse that: give the issuer "
+        "(issuer=, --issuer)",
+        normalize_htu(token_url),
+    )
+
+
 def _basic(client_id: str, secret: str) -> str:
     # RFC 6749 §2.3.1: form-urlencode both before joining them with ":" (plain Basic would
     # break a secret containing ":" and disagree with servers on non-ASCII).
@@ -603,9 +661,7 @@ class TokenCache:
         )  # fmt: skip
         return failure
 
-    def adopt(
-        self, token: AccessToken, proofs: DPoPProofBuilder, now: float
-    ) -> CachedToken | None:
+    def adopt(self, token: AccessToken, proofs: DPoPProofBuilder, now: float) -> CachedToken | None:
         """Cache a token another process fetched (from a shared store), if it can be sent.
 
         None, and nothing cached, when it is within its last `_EXPIRY_MARGIN` second.

@@ -3,9 +3,12 @@
 This is what a resource server (or our local test servers in `dpop_signer.testing`) uses to
 decide whether a request carries a valid DPoP proof (RFC 9449 §4.3), whether its access token
 is bound to the proof's key (``ath``, §7; ``cnf.jkt``, §6.1), and whether a nonce is needed
-(§8, §9). Only ES256 is accepted: it is the one algorithm dpop-signer signs with, and a verifier
-that accepts fewer algorithms has fewer ways to be confused (``none``, HMAC with the public key
-as secret, ...).
+(§8, §9). Algorithms are accepted from an allow-list (``algorithms=``; `ACCEPTED_ALGORITHMS`,
+ES256, ES384, EdDSA and PS256, by default; ES512 and RS256 only when a caller lists them), never
+``none`` or HMAC, and each signature must have its algorithm's exact form with the header key:
+ECDSA r||s of the curve's width, 64 bytes for Ed25519, the modulus' length for RSA of 2048 bits
+or more (`dpop_signer.algorithms.check_signature_form`). A verifier that accepts fewer
+algorithms has fewer ways to be confused.
 
 >>> claims = verify_proof(  # doctest: +SKIP
 ...     request.headers["DPoP"], htm="GET", htu=str(request.url), access_token=token
@@ -21,7 +24,6 @@ module.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -35,18 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from dpop_signer.algorithms import ALGORITHMS, get_algorithm, verify_signature
 from dpop_signer.errors import VerificationError
 from dpop_signer.jose import b64url_decode, b64url_encode, b64url_json, is_nonce, peek_claims
-from dpop_signer.jwk import (
-    COORDINATE_SIZE,
-    SIGNATURE_SIZE,
-    jwk_thumbprint,
-    raw_to_der_signature,
-)
+from dpop_signer.jwk import jwk_thumbprint, public_key_of_jwk
 from dpop_signer.signers.base import Signer
 
 __all__ = [
@@ -54,6 +48,7 @@ __all__ = [
     "INVALID_CLIENT",
     "INVALID_DPOP_PROOF",
     "INVALID_TOKEN",
+    "SUPPORTED_ALGORITHMS",
     "USE_DPOP_NONCE",
     "JtiReplayCache",
     "VerifiedProof",
@@ -66,8 +61,11 @@ __all__ = [
     "verify_proof_details",
 ]
 
-ACCEPTED_ALGORITHMS = ("ES256",)
-"""JWS algorithms this verifier accepts for proofs, tokens and assertions."""
+ACCEPTED_ALGORITHMS = ("ES256", "ES384", "EdDSA", "PS256")
+"""JWS algorithms accepted for proofs, tokens and assertions unless ``algorithms=`` says others."""
+
+SUPPORTED_ALGORITHMS = tuple(ALGORITHMS)
+"""Every algorithm an ``algorithms=`` allow-list may name: those, ES512 and RS256."""
 
 INVALID_DPOP_PROOF = "invalid_dpop_proof"
 USE_DPOP_NONCE = "use_dpop_nonce"
@@ -79,7 +77,6 @@ MAX_JWT_LENGTH = 8192
 
 MAX_JTI_LENGTH = 256
 
-_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 # RFC 7517 §9.2 / RFC 7518 §6: members that only a private (or symmetric) JWK has.
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -163,17 +160,17 @@ def verify_proof(
     max_future: float = 60.0,
     jkt: str | None = None,
     replay: JtiReplayCache | None = None,
+    algorithms: Collection[str] = ACCEPTED_ALGORITHMS,
 ) -> dict[str, Any]:
     """Verify one DPoP proof against the request it came with; return its claims.
 
     Applies RFC 9449 §4.3: a well-formed compact JWS, the required claims, ``typ`` ``dpop+jwt``,
-    ``alg`` ES256 (the only algorithm accepted: ES384, ES512, EdDSA and RSA are refused like
-    ``none`` and HMAC, because dpop-signer signs with nothing else), a signature that verifies
-    with the header ``jwk``, no private key members, ``htm`` equal to the method, ``htu`` equal
-    to the request URL (query and fragment ignored, RFC 3986 §6.2.2/§6.2.3 normalisation on both
-    sides), the nonce, and ``iat`` within [now - max_age, now + max_future]; with
-    ``access_token`` the ``ath`` (§7.1), with ``jkt`` the key binding (§6.1), with ``replay``
-    the ``jti`` (§11.1).
+    ``alg`` in ``algorithms`` (``none`` and HMAC never), a signature of that algorithm's exact
+    form that verifies with the header ``jwk``, no private key members, ``htm`` equal to the
+    method, ``htu`` equal to the request URL (query and fragment ignored, RFC 3986
+    §6.2.2/§6.2.3 normalisation on both sides), the nonce, and ``iat`` within
+    [now - max_age, now + max_future]; with ``access_token`` the ``ath`` (§7.1), with ``jkt``
+    the key binding (§6.1), with ``replay`` the ``jti`` (§11.1).
 
     Args:
         proof: The value of the request's single ``DPoP`` header.
@@ -187,6 +184,9 @@ def verify_proof(
         max_future: How far ``iat`` may be ahead of ``now`` (client clock skew), in seconds.
         jkt: The ``cnf.jkt`` the access token is bound to; the proof key must match it.
         replay: A cache that refuses a ``jti`` seen before; updated only for a valid proof.
+        algorithms: The allow-list of JWS algorithms (default `ACCEPTED_ALGORITHMS`: ES256,
+            ES384, EdDSA, PS256); ES512 and RS256 may be added, nothing outside
+            `SUPPORTED_ALGORITHMS`.
 
     Returns:
         The proof's claims.
@@ -207,6 +207,7 @@ def verify_proof(
         max_future=max_future,
         jkt=jkt,
         replay=replay,
+        algorithms=algorithms,
     ).claims
 
 
@@ -222,6 +223,7 @@ def verify_proof_details(
     max_future: float = 60.0,
     jkt: str | None = None,
     replay: JtiReplayCache | None = None,
+    algorithms: Collection[str] = ACCEPTED_ALGORITHMS,
 ) -> VerifiedProof:
     """Like `verify_proof`, but also return the header, the public JWK and its thumbprint.
 
@@ -251,7 +253,7 @@ def verify_proof_details(
     if header.get("typ") != "dpop+jwt":
         raise fail(f"header typ is {_shown(header.get('typ'))}, not 'dpop+jwt' (RFC 9449 §4.2)")
     # Check 5: an asymmetric algorithm that policy allows.
-    _check_alg(header, fail)
+    alg = _check_alg(header, fail, algorithms)
     # Check 7 before 6: never build a key from, or trust, a JWK that carries private members.
     jwk = header.get("jwk")
     if not isinstance(jwk, dict):
@@ -260,7 +262,7 @@ def verify_proof_details(
     if private:
         raise fail(f"header jwk contains private key members {private}; send only the public key")
     # Check 6: the signature verifies with the header key.
-    _verify_es256(jwk, signing_input, signature, fail)
+    _verify_jws(alg, jwk, signing_input, signature, fail)
     # Check 8: htm is the request method (methods are case-sensitive, RFC 9110 §9.1).
     if claims["htm"] != htm:
         raise fail(f"htm {_shown(claims['htm'])} does not match the request method {htm!r}")
@@ -365,10 +367,10 @@ def issue_access_token(
 ) -> str:
     """Issue a DPoP-bound JWT access token (RFC 9068 with ``cnf.jkt``, RFC 9449 §6.1).
 
-    Signed ES256 by ``signer`` (any `Signer`: the local AS keeps an in-memory key).
+    Signed by ``signer`` with its algorithm (any `Signer`: the local AS keeps an in-memory key).
     """
     issued = int(time.time() if now is None else now)
-    header: dict[str, Any] = {"typ": "at+jwt", "alg": "ES256"}
+    header: dict[str, Any] = {"typ": "at+jwt", "alg": signer.algorithm}
     if kid is not None:
         header["kid"] = kid
     claims: dict[str, Any] = {
@@ -395,12 +397,13 @@ def verify_access_token(
     audience: str | None = None,
     now: float | None = None,
     leeway: float = 0.0,
+    algorithms: Collection[str] = ACCEPTED_ALGORITHMS,
 ) -> dict[str, Any]:
     """Verify a JWT access token issued by `issue_access_token`; return its claims.
 
     Checks ``typ`` ``at+jwt`` (so a DPoP proof or ID token cannot pass as an access token,
-    RFC 9068 §4), ES256 signature with the issuer's public JWK ``key``, ``exp``, ``iss`` and
-    ``aud`` when given, and that the token is DPoP-bound (``cnf.jkt`` present).
+    RFC 9068 §4), a signature in one of ``algorithms`` with the issuer's public JWK ``key``,
+    ``exp``, ``iss`` and ``aud`` when given, and that the token is DPoP-bound (``cnf.jkt`` present).
 
     Raises:
         VerificationError: ``error`` is ``invalid_token``.
@@ -412,8 +415,7 @@ def verify_access_token(
     header, claims, signing_input, signature = _decode_jws(token, "access token", fail)
     if str(header.get("typ", "")).lower() not in ("at+jwt", "application/at+jwt"):
         raise fail(f"header typ is {_shown(header.get('typ'))}, not 'at+jwt'")
-    _check_alg(header, fail)
-    _verify_es256(key, signing_input, signature, fail)
+    _verify_jws(_check_alg(header, fail, algorithms), key, signing_input, signature, fail)
     current = time.time() if now is None else now
     exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, int | float):
@@ -449,8 +451,10 @@ def verify_client_assertion(
     assertion: str,
     *,
     client_id: str,
-    audiences: Collection[str],
     key: Mapping[str, Any],
+    issuer: str | None = None,
+    token_endpoint: str | None = None,
+    audiences: Collection[str] | None = None,
     now: float | None = None,
     max_lifetime: float = 600.0,
     leeway: float = 30.0,
@@ -458,14 +462,24 @@ def verify_client_assertion(
 ) -> dict[str, Any]:
     """Verify a ``private_key_jwt`` client assertion (RFC 7523 §3, RFC 7521 §4.2).
 
-    ``iss`` and ``sub`` must be ``client_id``, ``aud`` must name one of ``audiences`` (the token
-    endpoint URL or the issuer), ``exp`` must be in the future but not more than
+    ``iss`` and ``sub`` must be ``client_id``; ``exp`` must be in the future but not more than
     ``max_lifetime`` away, ``jti`` present (refused a second time with ``replay``), and the ES256
     signature must verify with the client's registered public JWK ``key``.
 
+    The audience follows draft-ietf-oauth-rfc7523bis with ``issuer``: ``aud`` must be the
+    issuer identifier as its sole value, one JSON string (not an array), compared as a simple
+    string. ``token_endpoint`` is for servers that also still accept the token endpoint URL
+    (the same exact, single-string comparison). ``audiences`` instead is the rule of RFC 7523
+    §3 as first published (``aud`` names one of them, an array allowed); give one or the other.
+
     Raises:
         VerificationError: ``error`` is ``invalid_client``.
+        ValueError: neither ``issuer`` nor ``audiences`` is given, or both are.
     """
+    if (issuer is None) == (audiences is None):
+        raise ValueError("verify_client_assertion needs issuer= (or audiences=), not both")
+    if token_endpoint is not None and issuer is None:
+        raise ValueError("token_endpoint= goes with issuer=")
 
     def fail(message: str, error: str = INVALID_CLIENT) -> VerificationError:
         return VerificationError(f"client assertion {message}", error=error)
@@ -475,10 +489,7 @@ def verify_client_assertion(
     _verify_es256(key, signing_input, signature, fail)
     if claims.get("iss") != client_id or claims.get("sub") != client_id:
         raise fail(f"iss and sub must both be the client_id {client_id!r}")
-    aud = claims.get("aud")
-    auds = aud if isinstance(aud, list) else [aud]
-    if not any(a in audiences for a in auds):
-        raise fail(f"audience {_shown(aud)} names neither the token endpoint nor the issuer")
+    _check_assertion_aud(claims.get("aud"), issuer, token_endpoint, audiences, fail)
     current = time.time() if now is None else now
     exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, int | float):
@@ -499,6 +510,33 @@ def verify_client_assertion(
         except VerificationError as exc:
             raise fail(f"jti {_short(jti)} was already used; sign a new assertion") from exc
     return claims
+
+
+def _check_assertion_aud(
+    aud: object,
+    issuer: str | None,
+    token_endpoint: str | None,
+    audiences: Collection[str] | None,
+    fail: _Fail,
+) -> None:
+    if audiences is not None:  # RFC 7523 §3 as first published
+        auds = aud if isinstance(aud, list) else [aud]
+        if not any(isinstance(a, str) and a in audiences for a in auds):
+            raise fail(f"audience {_shown(aud)} names neither the token endpoint nor the issuer")
+        return
+    accepted = [issuer] if token_endpoint is None else [issuer, token_endpoint]
+    if isinstance(aud, str) and aud in accepted:
+        return
+    if isinstance(aud, list):
+        raise fail(
+            f"audience {_shown(aud)} is an array; it must be the issuer identifier {issuer!r} "
+            "as one string (draft-ietf-oauth-rfc7523bis)"
+        )
+    legacy = f" or the token endpoint {token_endpoint!r}" if token_endpoint is not None else ""
+    raise fail(
+        f"audience {_shown(aud)} is not the issuer identifier {issuer!r}{legacy} "
+        "(draft-ietf-oauth-rfc7523bis)"
+    )
 
 
 # --- shared JWS plumbing ---------------------------------------------------------------------
@@ -533,60 +571,43 @@ def _decode_jws(
     return header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), signature
 
 
-def _check_alg(header: Mapping[str, Any], fail: _Fail) -> None:
+def _check_alg(
+    header: Mapping[str, Any], fail: _Fail, allowed: Collection[str] = ACCEPTED_ALGORITHMS
+) -> str:
+    """The header's ``alg`` if ``allowed`` lists it (RFC 9449 §4.3 check 5), else fail."""
+    unknown = sorted(set(allowed) - set(SUPPORTED_ALGORITHMS))
+    if unknown:
+        # A caller's mistake, not the sender's: "none" or "HS256" must never be allowed.
+        raise ValueError(
+            f"algorithms= names {unknown}; only {', '.join(SUPPORTED_ALGORITHMS)} can be allowed"
+        )
     alg = header.get("alg")
-    if alg not in ACCEPTED_ALGORITHMS:
+    if not isinstance(alg, str) or alg not in allowed:
         raise fail(
             f"alg {_shown(alg)} is not accepted; it must be an asymmetric algorithm, and this "
-            f"verifier accepts only {', '.join(ACCEPTED_ALGORITHMS)}"
+            f"verifier accepts only {', '.join(a for a in SUPPORTED_ALGORITHMS if a in allowed)}"
         )
+    return alg
+
+
+def _verify_jws(
+    alg: str, jwk: Mapping[str, Any], signing_input: bytes, signature: bytes, fail: _Fail
+) -> None:
+    """Check 6: ``jwk`` fits ``alg``, the signature has ``alg``'s exact form and verifies."""
+    try:
+        public_key = public_key_of_jwk(jwk)
+        valid = verify_signature(get_algorithm(alg), public_key, signing_input, signature)
+    except ValueError as exc:  # a key that does not fit alg, or a signature of the wrong form
+        raise fail(str(exc)) from exc
+    if not valid:
+        raise fail("signature does not verify with the key")
 
 
 def _verify_es256(
     jwk: Mapping[str, Any], signing_input: bytes, signature: bytes, fail: _Fail
 ) -> None:
-    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
-        raise fail(
-            f"key is kty {_shown(jwk.get('kty'))} crv {_shown(jwk.get('crv'))}, not EC P-256"
-        )
-    x, y = jwk.get("x"), jwk.get("y")
-    if not isinstance(x, str) or not isinstance(y, str):
-        raise fail("key has no valid base64url x and y coordinates")
-    try:
-        public_key = _p256_public_key(x, y)
-    except _BadKey as exc:
-        raise fail(str(exc)) from exc
-    if len(signature) != SIGNATURE_SIZE:
-        raise fail(f"signature is {len(signature)} bytes, not the {SIGNATURE_SIZE}-byte ES256 r||s")
-    try:
-        public_key.verify(raw_to_der_signature(signature), signing_input, _ECDSA_SHA256)
-    except InvalidSignature as exc:
-        raise fail("signature does not verify with the key") from exc
-
-
-class _BadKey(ValueError):
-    pass
-
-
-@functools.lru_cache(maxsize=1024)
-def _p256_public_key(x: str, y: str) -> ec.EllipticCurvePublicKey:
-    """The P-256 key of JWK coordinates; cached, since a client sends the same key every time.
-
-    Raises:
-        _BadKey: the coordinates are not base64url, not 32 bytes, or not a point on P-256.
-    """
-    try:
-        x_bytes, y_bytes = b64url_decode(x), b64url_decode(y)
-    except ValueError as exc:
-        raise _BadKey("key has no valid base64url x and y coordinates") from exc
-    if len(x_bytes) != COORDINATE_SIZE or len(y_bytes) != COORDINATE_SIZE:
-        raise _BadKey(f"key coordinates are not {COORDINATE_SIZE} bytes each")
-    try:
-        return ec.EllipticCurvePublicNumbers(
-            int.from_bytes(x_bytes, "big"), int.from_bytes(y_bytes, "big"), ec.SECP256R1()
-        ).public_key()
-    except ValueError as exc:
-        raise _BadKey("key is not a point on the P-256 curve") from exc
+    # Kept for `verify_client_assertion` until it passes the header's alg to `_verify_jws`.
+    _verify_jws("ES256", jwk, signing_input, signature, fail)
 
 
 def _ath(access_token: str) -> str:

@@ -17,6 +17,8 @@
 //   pkjwt-client                  private_key_jwt (only when AS_CLIENT_JWKS[_FILE] is given)
 // More clients can be registered at run time through dynamic registration (RFC 7591, POST /reg).
 //
+// DPoP proofs are accepted in ES256, ES384, ES512, EdDSA, PS256 and RS256 (enabledJWA below).
+//
 // Resource indicators (RFC 8707): any http://127.0.0.1:PORT/ or http://localhost:PORT/ resource
 // gets an ES256 JWT access token whose `aud` is that resource, with `cnf.jkt` (RFC 9449 §6.1).
 // A token request without `resource` gets the default resource when one is set, otherwise an
@@ -135,6 +137,12 @@ async function main() {
     scopes: SCOPES,
     cookies: { keys: [randomBytes(32).toString('base64url')] },
     clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt', 'none'],
+    // Every algorithm dpop-signer can sign DPoP proofs with (oidc-provider's default is ES256 and
+    // EdDSA only): ES384/ES512 (RFC 7518 §3.4), EdDSA (RFC 8037), PS256 and RS256 (RFC 7518 §3.3,
+    // §3.5). They are advertised in dpop_signing_alg_values_supported.
+    enabledJWA: {
+      dPoPSigningAlgValues: ['ES256', 'ES384', 'ES512', 'EdDSA', 'PS256', 'RS256'],
+    },
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from dpop_signer.config import Settings
     from dpop_signer.service.metrics import Metrics
     from dpop_signer.service.reload import KeyBundle
+    from dpop_signer.service.runner import ConnectionLimits
     from dpop_signer.service.security import ApiKeys, Listen
 
 __all__ = ["proxy", "serve"]
@@ -146,7 +147,8 @@ def _open_key(settings: Settings, metrics: Metrics) -> KeyBundle:
 
     signer = ServiceSigner(lambda: build_signer(settings), metrics=metrics)
     try:
-        auth = build_auth(settings, signer) if settings.token_url is not None else None
+        wants_tokens = settings.token_url is not None or settings.issuer is not None
+        auth = build_auth(settings, signer) if wants_tokens else None
     except BaseException:
         signer.close()
         raise
@@ -160,6 +162,9 @@ def _reload(
     from dpop_signer.service.security import ApiKeys
 
     settings = settings_from_context(ctx)
+    if settings.token_store is None and started.source_of("token_store") == _WORKERS_STORE:
+        # The workers' default store stays: a reload must not split them onto memory.
+        settings = settings.with_values(_WORKERS_STORE, token_store=started.token_store)
     if settings.pin is None and settings.key == started.key and started.pin is not None:
         # A PIN typed at the prompt cannot be read again; it stays while the key does.
         settings = settings.with_values(started.source_of("pin"), pin=started.pin)
@@ -169,7 +174,7 @@ def _reload(
             "adding or removing --api-key-file needs a restart; the running service keeps its "
             "API keys"
         )
-    if started.token_url is not None:
+    if started.token_url is not None and started.issuer is None:
         settings.require("token_url", "client_id")
     return _open_key(settings, metrics), fresh
 
@@ -238,43 +243,34 @@ def serve(
           --allow-origin https://api.example
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     from dpop_signer.service.metrics import Metrics
+    from dpop_signer.service.runner import ConnectionLimits
     from dpop_signer.service.security import bind_listener, parse_origins
 
     settings, listen, api_keys = _prepare(ctx, DEFAULT_LISTEN, allow_unauthenticated, log_level)
     origins = parse_origins(settings.allow_origin)
     if settings.token_url is not None or settings.client_id is not None:
-        settings.require("token_url", "client_id")
+        # With --issuer, discovery finds the token endpoint.
+        settings.require(*(("client_id",) if settings.issuer else ("token_url", "client_id")))
+    metrics_dir = _metrics_dir()
+    settings = _workers_store(settings, workers, metrics_dir)
     if workers > 1:
         # Checked once here, so a wrong key or PIN is tried once, not once per worker.
         _open_key(settings, Metrics()).close()
     sock = bind_listener(listen)
-    metrics_dir = _metrics_dir()
 
     def run(index: int | None) -> bool:
-        import httpx
-
         from dpop_signer.service.app import ServiceState, create_signer_app
-        from dpop_signer.service.reload import Reloader
-        from dpop_signer.service.runner import ConnectionLimits, serve_app
         from dpop_signer.service.workers import SharedMetrics
-        from dpop_signer.tls import ssl_context
-        from dpop_signer.tokens import USER_AGENT
 
         metrics = Metrics()
         bundle = _open_key(settings, metrics)
         try:
-            hook = _token_counter(settings, metrics)
             state = ServiceState(
                 key=bundle,
                 api_keys=api_keys,
                 allowed_origins=origins,
                 metrics=metrics,
-                make_client=lambda: httpx.AsyncClient(
-                    timeout=settings.timeout,
-                    verify=ssl_context(settings.ca_bundle),
-                    headers={"User-Agent": USER_AGENT},
-                    event_hooks={"response": [hook]},
-                ),
+                make_client=_client_factory(settings, metrics),
                 loopback_only=not listen.is_unix and not settings.allow_remote,
                 probe_interval=probe_interval,
                 shared_metrics=None
@@ -284,31 +280,79 @@ def serve(
         except BaseException:
             bundle.close()
             raise
-
-        def install(new: KeyBundle, keys: ApiKeys | None) -> KeyBundle:
-            old, state.key, state.api_keys = state.key, new, keys
-            return old
-
-        reloader = Reloader(lambda: _reload(ctx, settings, api_keys, metrics), install)
-        return serve_app(
-            create_signer_app(state),
-            listen,
-            sock,
-            limits=ConnectionLimits(
-                read_timeout, max_connections, accept_batch=None if index is None else 1
-            ),
-            on_reload=reloader.request,
-            owner=index is None,
+        return _serve_worker(
+            ctx, settings, api_keys, metrics, state, create_signer_app(state), listen, sock,
+            index, ConnectionLimits(read_timeout, max_connections),
             mode="serve",
-            worker=index,
             jkt=bundle.jkt,
             api_key=api_keys is not None,
             allowed_origins=sorted(origins),
-            token_endpoint=settings.token_url is not None,
-        )
+            token_endpoint=settings.token_url is not None or settings.issuer is not None,
+        )  # fmt: skip
 
     if not _run(workers, run, listen, sock, metrics_dir):
         raise click.ClickException("the service failed to start; see the log lines above")
+
+
+def _client_factory(settings: Settings, metrics: Metrics, **extra: Any) -> Callable[[], Any]:
+    """What builds the service's HTTP client at start-up: system trust, User-Agent, counters."""
+
+    def make() -> Any:
+        import httpx
+
+        from dpop_signer.tls import ssl_context
+        from dpop_signer.tokens import USER_AGENT
+
+        return httpx.AsyncClient(
+            timeout=settings.timeout,
+            verify=ssl_context(settings.ca_bundle),
+            headers={"User-Agent": USER_AGENT},
+            event_hooks={"response": [_token_counter(settings, metrics)]},
+            **extra,
+        )
+
+    return make
+
+
+def _serve_worker(
+    ctx: click.Context,
+    settings: Settings,
+    api_keys: ApiKeys | None,
+    metrics: Metrics,
+    state: Any,
+    app: Any,
+    listen: Listen,
+    sock: Any,
+    index: int | None,
+    limits: ConnectionLimits,
+    **fields: object,
+) -> bool:
+    """Serve ``app`` on ``sock`` with SIGHUP reloading ``state``'s key and API keys.
+
+    ``index`` is the worker's number with ``--workers``, None for a single process.
+    """
+    from dataclasses import replace
+
+    from dpop_signer.service.reload import Reloader
+    from dpop_signer.service.runner import serve_app
+
+    def install(new: KeyBundle, keys: ApiKeys | None) -> KeyBundle:
+        old: KeyBundle = state.key
+        state.key, state.api_keys = new, keys
+        return old
+
+    reloader = Reloader(lambda: _reload(ctx, settings, api_keys, metrics), install)
+    extra: dict[str, Any] = {"worker": index, **fields}
+    return serve_app(
+        app,
+        listen,
+        sock,
+        # One connection per wake-up with --workers: the first worker awake would take all.
+        limits=replace(limits, accept_batch=None if index is None else 1),
+        on_reload=reloader.request,
+        owner=index is None,
+        **extra,
+    )
 
 
 def _run(
@@ -328,6 +372,21 @@ def _run(
         sock.close()
         remove_unix_socket(listen)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+_WORKERS_STORE = "the default for --workers"
+
+
+def _workers_store(settings: Settings, workers: int, scratch: Path) -> Settings:
+    """``settings`` with a SQLite token store in ``scratch`` for several workers without one.
+
+    Without a store each worker would fetch (and renew) its own token and learn every nonce on
+    its own; the file lives in the workers' private scratch directory (0700, the file 0600)
+    and goes away with it. An explicit ``--token-store`` (``memory`` included) is kept.
+    """
+    if workers == 1 or settings.token_store is not None or settings.token_url is None:
+        return settings
+    return settings.with_values(_WORKERS_STORE, token_store=f"sqlite:{scratch / 'tokens.db'}")
 
 
 def _metrics_dir() -> Path:
@@ -398,6 +457,7 @@ def proxy(
           --client-id svc
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     from dpop_signer.service.metrics import Metrics
+    from dpop_signer.service.runner import ConnectionLimits
     from dpop_signer.service.security import bind_listener
     from dpop_signer.urls import check_http_url
 
@@ -410,34 +470,23 @@ def proxy(
         upstream = check_http_url(settings.upstream, "--upstream")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    scratch = _metrics_dir()
+    settings = _workers_store(settings, workers, scratch)
     if workers > 1:
         # Checked once here, so a wrong key or PIN is tried once, not once per worker.
         _open_key(settings, Metrics()).close()
     sock = bind_listener(listen)
 
     def run(index: int | None) -> bool:
-        import httpx
-
         from dpop_signer.service.proxy import ProxyState, ReplayBudget, create_proxy_app
-        from dpop_signer.service.reload import Reloader
-        from dpop_signer.service.runner import ConnectionLimits, serve_app
-        from dpop_signer.tls import ssl_context
-        from dpop_signer.tokens import USER_AGENT
 
         metrics = Metrics()
         bundle = _open_key(settings, metrics)
         try:
-            hook = _token_counter(settings, metrics)
             state = ProxyState(
                 upstream=upstream,
                 key=bundle,
-                make_client=lambda: httpx.AsyncClient(
-                    timeout=settings.timeout,
-                    verify=ssl_context(settings.ca_bundle),
-                    headers={"User-Agent": USER_AGENT},
-                    follow_redirects=False,
-                    event_hooks={"response": [hook]},
-                ),
+                make_client=_client_factory(settings, metrics, follow_redirects=False),
                 api_keys=api_keys,
                 replay_limit=replay_limit,
                 replay_budget=ReplayBudget(replay_total),
@@ -446,28 +495,16 @@ def proxy(
         except BaseException:
             bundle.close()
             raise
-
-        def install(new: KeyBundle, keys: ApiKeys | None) -> KeyBundle:
-            old, state.key, state.api_keys = state.key, new, keys
-            return old
-
-        reloader = Reloader(lambda: _reload(ctx, settings, api_keys, metrics), install)
         loopback_only = not listen.is_unix and not settings.allow_remote
-        return serve_app(
-            create_proxy_app(state, loopback_only=loopback_only),
-            listen,
-            sock,
-            limits=ConnectionLimits(
-                read_timeout, max_connections, accept_batch=None if index is None else 1
-            ),
-            on_reload=reloader.request,
-            owner=index is None,
+        return _serve_worker(
+            ctx, settings, api_keys, metrics, state,
+            create_proxy_app(state, loopback_only=loopback_only), listen, sock,
+            index, ConnectionLimits(read_timeout, max_connections),
             mode="proxy",
-            worker=index,
             # Never the whole URL: user info or a query may carry credentials.
             upstream=f"{upstream.scheme}://{upstream.netloc.decode('ascii')}{upstream.path}",
             api_key=api_keys is not None,
-        )
+        )  # fmt: skip
 
-    if not _run(workers, run, listen, sock, _metrics_dir()):
+    if not _run(workers, run, listen, sock, scratch):
         raise click.ClickException("the proxy failed to start; see the log lines above")

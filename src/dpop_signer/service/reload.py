@@ -63,15 +63,18 @@ class KeyBundle:
             self._close()
 
     def close(self) -> None:
-        """Close the key now (at shutdown)."""
+        """Close the key and the auth's token store now (at shutdown)."""
+        if self.auth is not None:
+            self.auth.close()
         self.signer.close()
 
     def _close(self) -> None:
-        # Closing a PKCS#11 signer takes the module's lock: not on the event loop.
+        # Closing a PKCS#11 signer takes the module's lock, and a store may do I/O: not on
+        # the event loop.
         try:
-            asyncio.get_running_loop().run_in_executor(None, self.signer.close)
+            asyncio.get_running_loop().run_in_executor(None, self.close)
         except RuntimeError:  # no running loop (tests, shutdown)
-            self.signer.close()
+            self.close()
 
 
 class Reloader:

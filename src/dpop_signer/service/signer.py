@@ -47,7 +47,7 @@ from dpop_signer.errors import (
     SignerError,
     SignerTimeoutError,
 )
-from dpop_signer.jwk import EcPublicJwk
+from dpop_signer.jwk import PublicJwk
 from dpop_signer.service.logs import log_event
 from dpop_signer.service.metrics import Metrics
 from dpop_signer.signers.base import Signer, close_signer, sign_async
@@ -107,7 +107,7 @@ class ServiceSigner:
         self._clock = clock
         self._inner: Signer | None = opener()
         self._broken: list[Signer] = []
-        self._jwk: EcPublicJwk = self._inner.public_jwk
+        self._jwk: PublicJwk = self._inner.public_jwk
         self._algorithm = self._inner.algorithm
         self._wait = retry_interval
         self._next_attempt = -float("inf")
@@ -124,7 +124,7 @@ class ServiceSigner:
         return self._algorithm
 
     @property
-    def public_jwk(self) -> EcPublicJwk:
+    def public_jwk(self) -> PublicJwk:
         """The public JWK the service started with (kept through outages)."""
         return dict(self._jwk)  # type: ignore[return-value]
 
@@ -266,7 +266,7 @@ class ServiceSigner:
             _close(signer)
 
     def __repr__(self) -> str:
-        return f"ServiceSigner(kid={self._jwk['x'][:8]}..., state={self.state})"
+        return f"ServiceSigner({self._algorithm}, state={self.state})"
 
 
 def _close(signer: Signer) -> None:

@@ -1,4 +1,4 @@
-"""`Pkcs11Signer`: ES256 with a P-256 key that stays inside a PKCS#11 token.
+"""`Pkcs11Signer`: JWS signatures with a key that stays inside a PKCS#11 token.
 
 Works with any PKCS#11 module (network HSMs, YubiHSM 2, SoftHSM2 in CI, tpm2-pkcs11); nothing
 here assumes SoftHSM, and no slot number is ever used. The signer layer is laid out one concept
@@ -13,7 +13,13 @@ per module, the way python-pkcs11 and crypto11 lay out theirs:
 
 **Hash on the host, sign with CKM_ECDSA.** SoftHSM 2.6 has no CKM_ECDSA_SHA256 and the big HSMs
 hash on the host anyway; the token returns r||s already (RFC 7518 §3.4), checked to be exactly
-64 bytes. **Recover once.** A lost session, stale handle or device error reopens the login
+64 bytes for ES256 (the default). The algorithm follows the key: EC P-384/P-521 sign ES384/ES512
+the same way with SHA-384/SHA-512, Ed25519 signs EdDSA with CKM_EDDSA over the message, and an
+RSA key signs PS256 (SHA-256 on the host, CKM_RSA_PKCS_PSS) or, when the URI says ``alg=RS256``
+(or ``alg="RS256"`` is passed), RS256 with CKM_SHA256_RSA_PKCS; `pkcs11_keys.SignScheme` holds
+each one. Every signature is checked to have its algorithm's exact length.
+
+**Recover once.** A lost session, stale handle or device error reopens the login
 session, logs in again, finds the key again, proves it is the same key, and retries once. A
 refused PIN is never sent again: real tokens lock. docs/pkcs11.md says what an operator sees.
 """
@@ -22,17 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 
-from pkcs11 import Attribute, Mechanism
+from pkcs11 import Attribute
 from pkcs11 import exceptions as p11x
 from pkcs11.types import SignMixin
 
+from dpop_signer.algorithms import DEFAULT_ALGORITHM, get_algorithm
 from dpop_signer.errors import (
     ConfigError,
     KeyChangedError,
@@ -43,18 +49,20 @@ from dpop_signer.errors import (
     SigningFailedError,
     UnsupportedKeyError,
 )
-from dpop_signer.jwk import SIGNATURE_SIZE, EcPublicJwk, ec_public_jwk
+from dpop_signer.jwk import PublicJwk, jwk_signature_size
 from dpop_signer.signers import pkcs11_library
-from dpop_signer.signers.base import ALGORITHM, check_signature
+from dpop_signer.signers.base import check_signature
 from dpop_signer.signers.pin import resolve_pin
 from dpop_signer.signers.pkcs11_errors import ckr, forked_error, recoverable
 from dpop_signer.signers.pkcs11_keys import (
+    SignScheme,
     attribute,
-    curve_of,
     find_private_key,
     generate_key_pair,
+    key_algorithm,
     prove_same_key,
-    public_point,
+    public_jwk_of,
+    scheme_for,
     signs_for,
 )
 from dpop_signer.signers.pkcs11_library import Pkcs11Module, pkcs11_module
@@ -83,12 +91,11 @@ _MISSING_FIRST = 1.0
 """Seconds before a key that was not found is looked for again; doubled each time it is not."""
 _MISSING_MAX = 30.0
 
-_DIGEST_SIZE = 32
-_CKM_ECDSA = Mechanism.ECDSA  # a module constant: no enum attribute lookup per signature
-
 
 class Pkcs11Signer:
-    """Signs ES256 with an EC P-256 private key inside a PKCS#11 token.
+    """Signs with a private key inside a PKCS#11 token, in the algorithm the key says.
+
+    ES256 (EC P-256), ES384, ES512, EdDSA or PS256; RS256 for an RSA key opened with ``alg=RS256``.
 
     Open it with `open_pkcs11_signer` (or `dpop_signer.load_signer`) and close it when done;
     it is a context manager. Any number of threads may call `sign` at once, and event loops
@@ -121,7 +128,8 @@ class Pkcs11Signer:
         anchor: LoginSession,
         selector: Pkcs11Uri,
         key: SignMixin,
-        jwk: EcPublicJwk,
+        jwk: PublicJwk,
+        scheme: SignScheme,
         label: str,
         key_id: bytes,
         sign_timeout: float | None = DEFAULT_SIGN_TIMEOUT,
@@ -134,6 +142,14 @@ class Pkcs11Signer:
         self._key = key
         self._generation = anchor.generation
         self._jwk = jwk
+        # The scheme's parts as attributes of their own: `sign` reads them once per signature.
+        self._scheme = scheme
+        self._algorithm = scheme.algorithm.name
+        self._hasher = scheme.hasher
+        self._mechanism = scheme.mechanism
+        self._param = scheme.param
+        self._digest_size = scheme.digest_size
+        self._sig_size = jwk_signature_size(jwk)
         self._label = label
         self._id = key_id
         self._closed = False
@@ -149,16 +165,21 @@ class Pkcs11Signer:
 
     @classmethod
     def open(
-        cls, uri: str, *, pin: str | None = None, sign_timeout: float | None = DEFAULT_SIGN_TIMEOUT
+        cls,
+        uri: str,
+        *,
+        pin: str | None = None,
+        sign_timeout: float | None = DEFAULT_SIGN_TIMEOUT,
+        alg: str | None = None,
     ) -> Pkcs11Signer:
         """Open the key an RFC 7512 URI names; see `open_pkcs11_signer`."""
         timeout = _check_timeout(sign_timeout)
-        parsed = parse_pkcs11_uri(uri)
+        parsed = _with_alg(parse_pkcs11_uri(uri), alg)
         _require_key_name(parsed)
         secret = resolve_pin(parsed, pin)
         sessions = parsed.sessions or 1
         path = resolve_module(parsed)
-        check_concurrent_module(path, sessions)
+        check_concurrent_module(path, sessions, pkcs11_library.loaded_modules())
         module = pkcs11_module(path)
         where = f"PKCS#11 module {module.display}"
         signer = module.call_within(timeout, where, _open_locked, module, parsed, secret)
@@ -174,12 +195,12 @@ class Pkcs11Signer:
 
     @property
     def algorithm(self) -> str:
-        """Always ``"ES256"``."""
-        return ALGORITHM
+        """The JWS ``alg`` of the key: ES256, ES384, ES512, EdDSA, PS256 or RS256."""
+        return self._algorithm
 
     @property
-    def public_jwk(self) -> EcPublicJwk:
-        """The public JWK (``kty, crv, x, y``), read once at open; a fresh copy."""
+    def public_jwk(self) -> PublicJwk:
+        """The public JWK (exactly the RFC 7638 members), read once at open; a fresh copy."""
         return dict(self._jwk)  # type: ignore[return-value]
 
     @property
@@ -219,7 +240,7 @@ class Pkcs11Signer:
         return bool(self._module.stalled_for(timeout) or (pool and pool.stalled_for(timeout)))
 
     def sign(self, message: bytes) -> bytes:
-        """ES256-sign ``message``: SHA-256 here, CKM_ECDSA in the token; 64 bytes r||s.
+        """Sign ``message``; ES256: SHA-256 here, CKM_ECDSA in the token, 64 bytes r||s.
 
         Raises:
             SignerUnavailableError: the session or device was lost and one reopen did not help,
@@ -232,7 +253,8 @@ class Pkcs11Signer:
         """
         if self._closed or self._module.pid != pkcs11_library.pid:
             self._check_open()
-        digest = hashlib.sha256(message).digest()
+        hasher = self._hasher
+        digest = hasher(message).digest() if hasher is not None else message
         if self._pool is not None:
             return self._sign_pooled(digest)
         module = self._module
@@ -259,7 +281,8 @@ class Pkcs11Signer:
         finishes in the worker thread, and a queued one is dropped before it reaches the token.
         """
         self._check_open()
-        digest = hashlib.sha256(message).digest()
+        hasher = self._hasher
+        digest = hasher(message).digest() if hasher is not None else message
         module = self._module
         timeout = self._timeout
         if self._pool is not None:
@@ -286,12 +309,17 @@ class Pkcs11Signer:
             )
 
     def sign_digest(self, digest: bytes) -> bytes:
-        """Sign a SHA-256 digest computed by the caller; 64 bytes r||s.
+        """Sign a digest computed by the caller (ES256: SHA-256, 32 bytes; 64 bytes r||s back).
 
         Raises:
-            SigningFailedError: ``digest`` is not 32 bytes, or as `sign`.
+            SigningFailedError: ``digest`` is not the algorithm's digest length, the algorithm
+                signs the message itself (EdDSA, RS256), or as `sign`.
         """
         self._check_open()
+        if self._hasher is None:
+            raise SigningFailedError(
+                f"{self._source} signs {self._algorithm} over the message itself; call sign()"
+            )
         return self._module.call_within(self._timeout, self._source, self._sign_digest, digest)
 
     def close(self) -> None:
@@ -344,12 +372,11 @@ class Pkcs11Signer:
         try:
             if self._closed:
                 raise SignerUnavailableError(f"{self._source} was closed; open it again")
-            if len(digest) != _DIGEST_SIZE:
-                raise SigningFailedError(
-                    f"{self._source} was given a {len(digest)}-byte digest; ES256 signs a "
-                    "32-byte SHA-256 digest"
-                )
-            signature = slot.key.sign(digest, mechanism=_CKM_ECDSA)
+            if len(digest) != self._digest_size and self._hasher is not None:
+                raise self._wrong_digest(digest)
+            signature = slot.key.sign(
+                digest, mechanism=self._mechanism, mechanism_param=self._param
+            )
         except p11x.PKCS11Error as exc:
             pool.broken = True
             logger.warning("%s: %s on a pooled session; signing on the main one", self._source,
@@ -358,7 +385,20 @@ class Pkcs11Signer:
             return self._module.call_within(timeout, self._source, self._sign_digest, digest)
         finally:
             pool.give(slot)
-        return check_signature(signature, source=self._source)
+        return self._checked(signature)
+
+    def _checked(self, signature: bytes) -> bytes:
+        return check_signature(
+            signature, source=self._source, size=self._sig_size, algorithm=self._algorithm
+        )
+
+    def _wrong_digest(self, digest: bytes) -> SigningFailedError:
+        assert self._hasher is not None
+        name = self._hasher(b"").name.upper().replace("SHA", "SHA-")
+        return SigningFailedError(
+            f"{self._source} was given a {len(digest)}-byte digest; {self._algorithm} signs a "
+            f"{self._digest_size}-byte {name} digest"
+        )
 
     async def _sign_pooled_async(self, digest: bytes) -> bytes:
         # The module's one worker thread would serialize the pool: one thread per session.
@@ -385,7 +425,7 @@ class Pkcs11Signer:
         if not pool.close(self._timeout):
             raise self._module.timeout_error(self._source, self._timeout or 0, pool.stalled_for(0))
         self._current_key()  # the login session alive, the key found again and proved
-        pool.build(self._anchor, self._selector, self._jwk, self._what)
+        pool.build(self._anchor, self._selector, self._jwk, self._scheme, self._what)
 
     def _release(self) -> None:
         if self._pool is not None and not self._pool.close(self._timeout):
@@ -405,7 +445,7 @@ class Pkcs11Signer:
             assert anchor.session is not None
             try:
                 key = find_private_key(anchor.session, self._selector, self._what)
-                prove_same_key(anchor.session, key, self._jwk, self._what)
+                prove_same_key(anchor.session, key, self._jwk, self._scheme, self._what)
             except KeyChangedError as exc:
                 self._changed = exc
                 raise
@@ -424,38 +464,38 @@ class Pkcs11Signer:
             # Checked under the lock: a close() that ran since the caller's check has released
             # the session, and reopening it here would log in again behind the caller's back.
             raise SignerUnavailableError(f"{self._source} was closed; open it again")
-        if len(digest) != _DIGEST_SIZE:
+        if len(digest) != self._digest_size and self._hasher is not None:
             # SoftHSM signs a digest of any length; a truncated one would verify nowhere.
-            raise SigningFailedError(
-                f"{self._source} was given a {len(digest)}-byte digest; ES256 signs a 32-byte "
-                "SHA-256 digest"
-            )
+            raise self._wrong_digest(digest)
         anchor = self._anchor
         try:
             # `_current_key` only when needed (it reopens or looks the key up again): the
             # usual case is an open session and a current handle, checked inline.
             if anchor.session is None or self._generation != anchor.generation:
                 self._current_key()
-            signature = self._key.sign(digest, mechanism=_CKM_ECDSA)
+            signature = self._key.sign(
+                digest, mechanism=self._mechanism, mechanism_param=self._param
+            )
         except p11x.PKCS11Error as exc:
             if not recoverable(exc):
                 raise SigningFailedError(f"{self._source} failed to sign: {ckr(exc)}") from exc
             first = ckr(exc)
         else:
-            if len(signature) == SIGNATURE_SIZE:
+            if len(signature) == self._sig_size:
                 return signature
-            return check_signature(signature, source=self._source)
+            return self._checked(signature)
         logger.warning("%s: %s while signing; reopening the session once", self._source, first)
         try:
             self._anchor.reopen()
-            signature = self._current_key().sign(digest, mechanism=Mechanism.ECDSA)
+            key = self._current_key()
+            signature = key.sign(digest, mechanism=self._mechanism, mechanism_param=self._param)
         except p11x.PKCS11Error as exc:
             raise SignerUnavailableError(
                 f"{self._source} is unavailable: {first}, then {ckr(exc)} after reopening the "
                 "session; check that the token or HSM is connected"
             ) from exc
         logger.info("%s: session reopened, signing again", self._source)
-        return check_signature(signature, source=self._source)
+        return self._checked(signature)
 
 
 def _check_timeout(sign_timeout: float | None) -> float | None:
@@ -464,6 +504,18 @@ def _check_timeout(sign_timeout: float | None) -> float | None:
             f"sign_timeout must be a positive number of seconds, not {sign_timeout!r}"
         )
     return sign_timeout
+
+
+def _with_alg(uri: Pkcs11Uri, alg: str | None) -> Pkcs11Uri:
+    """``uri`` with the caller's ``alg``; refused when the URI names another one."""
+    if alg is None or alg == uri.alg:
+        return uri
+    if uri.alg is not None:
+        raise ConfigError(
+            f"the PKCS#11 URI says alg={uri.alg} but alg={alg!r} was passed; keep one of them"
+        )
+    get_algorithm(alg)
+    return dataclasses.replace(uri, alg=alg)
 
 
 def _require_key_name(uri: Pkcs11Uri) -> None:
@@ -508,9 +560,8 @@ def _checked_key(module: Pkcs11Module, anchor: LoginSession, uri: Pkcs11Uri) -> 
     session = anchor.session
     assert session is not None
     key = find_private_key(session, uri, what)
-    curve = curve_of(bytes(key[Attribute.EC_PARAMS]))
-    if curve != "P-256":
-        raise UnsupportedKeyError(f"{what} is an EC {curve} key; ES256 needs P-256 (secp256r1)")
+    alg = key_algorithm(key, uri.alg, what)
+    scheme = scheme_for(alg)
     if attribute(key, Attribute.SIGN) is False:
         raise UnsupportedKeyError(f"{what} may not sign (CKA_SIGN is false)")
     if attribute(key, Attribute.SENSITIVE) is False:
@@ -520,13 +571,12 @@ def _checked_key(module: Pkcs11Module, anchor: LoginSession, uri: Pkcs11Uri) -> 
         )
     if attribute(key, Attribute.EXTRACTABLE):
         logger.warning("%s is extractable (CKA_EXTRACTABLE true): it can be wrapped out", what)
-    if Mechanism.ECDSA not in anchor.mechanisms:
-        raise UnsupportedKeyError(
-            f"{anchor.where} does not offer CKM_ECDSA, which ES256 with a host-side SHA-256 needs"
-        )
-    point = public_point(session, key, what)
-    jwk = ec_public_jwk(point)
-    if not signs_for(key, point, what):
+    missing = scheme.needs - anchor.mechanisms
+    if missing:
+        names = ", ".join(sorted(f"CKM_{m.name}" for m in missing))
+        raise UnsupportedKeyError(f"{anchor.where} does not offer {names}, which {alg.name} needs")
+    jwk = public_jwk_of(session, key, what)
+    if not signs_for(key, jwk, scheme, what):
         raise UnsupportedKeyError(
             f"the public key stored with {what} does not match the private key; "
             "fix the CKA_ID/label of the token's objects"
@@ -539,23 +589,31 @@ def _checked_key(module: Pkcs11Module, anchor: LoginSession, uri: Pkcs11Uri) -> 
         selector=dataclasses.replace(uri, pin_value=None),
         key=key,
         jwk=jwk,
+        scheme=scheme,
         label=label,
         key_id=key_id,
     )
 
 
 def open_pkcs11_signer(
-    uri: str, pin: str | None = None, *, sign_timeout: float | None = DEFAULT_SIGN_TIMEOUT
+    uri: str,
+    pin: str | None = None,
+    *,
+    sign_timeout: float | None = DEFAULT_SIGN_TIMEOUT,
+    alg: str | None = None,
 ) -> Pkcs11Signer:
-    """Open the EC P-256 key an RFC 7512 URI names, and check it.
+    """Open the key an RFC 7512 URI names, and check it.
 
     Args:
-        uri: ``pkcs11:token=...;object=...[;id=...][?module-path=...&pin-source=file:...]``.
+        uri: ``pkcs11:token=...;object=...[;id=...][?module-path=...&pin-source=file:...]``;
+            ``&alg=RS256`` makes an RSA key sign RS256 instead of PS256.
         pin: the user PIN; wins over ``pin-value``/``pin-source`` in the URI, which win over
             ``DPOP_PIN``. The module is ``module-path``, else ``DPOP_PKCS11_MODULE``, else the
             installed SoftHSM2.
         sign_timeout: seconds a caller waits for the module at most (`SignerTimeoutError`);
             None for no deadline.
+        alg: the JWS algorithm, like the URI's ``alg=`` (both given: they must agree). It must
+            fit the key; it is needed only to choose RS256 for an RSA key.
 
     Raises:
         ConfigError: the URI is malformed or names no key.
@@ -563,14 +621,22 @@ def open_pkcs11_signer(
             the tokens present).
         PinError: PIN missing or wrong (never retried).
         KeyNotFoundError: no key, or several keys, match.
-        UnsupportedKeyError: RSA, P-384, not sensitive, public key only, or no CKM_ECDSA.
+        UnsupportedKeyError: secp256k1, RSA under 2048 bits, ``alg`` not fitting the key, not
+            sensitive, public key only, or the algorithm's mechanism not offered.
         SignerTimeoutError: the module did not answer within ``sign_timeout``.
     """
-    return Pkcs11Signer.open(uri, pin=pin, sign_timeout=sign_timeout)
+    return Pkcs11Signer.open(uri, pin=pin, sign_timeout=sign_timeout, alg=alg)
 
 
-def generate_pkcs11_key(uri: str, pin: str | None = None) -> Pkcs11Signer:
-    """Generate a P-256 key pair in the token and return its open signer.
+def generate_pkcs11_key(
+    uri: str, pin: str | None = None, *, alg: str | None = None
+) -> Pkcs11Signer:
+    """Generate a key pair for ``alg`` in the token and return its open signer.
+
+    ``alg`` (or the URI's ``alg=``) is ES256 (EC P-256, the default), ES384 (P-384), ES512
+    (P-521), EdDSA (Ed25519), or PS256/RS256 (RSA, 2048 bits). The token does not record the
+    algorithm: an RS256 key is opened later with ``alg=RS256`` in its URI, which the returned
+    signer's ``uri`` carries.
 
     The private key is a token object, private, sensitive, never extractable, allowed to sign
     and nothing else; the public key is a token object allowed to verify. The label is the
@@ -581,18 +647,24 @@ def generate_pkcs11_key(uri: str, pin: str | None = None) -> Pkcs11Signer:
             (keys are never overwritten).
         SignerError: the token refused to generate the key (the message names why).
     """
-    parsed = parse_pkcs11_uri(uri)
+    parsed = _with_alg(parse_pkcs11_uri(uri), alg)
     if parsed.object is None:
         raise ConfigError("generating a PKCS#11 key needs a label: add object=<label> to the URI")
+    # Only RS256 stays in the URI: every other algorithm follows from the key itself.
+    chosen = parsed.alg or DEFAULT_ALGORITHM
+    parsed = dataclasses.replace(parsed, alg="RS256" if chosen == "RS256" else None)
+    get_algorithm(chosen)
     secret = resolve_pin(parsed, pin)
     module = pkcs11_module(resolve_module(parsed))
-    return module.call(_generate_locked, module, parsed, secret)
+    return module.call(_generate_locked, module, parsed, secret, chosen)
 
 
-def _generate_locked(module: Pkcs11Module, uri: Pkcs11Uri, pin: str | None) -> Pkcs11Signer:
+def _generate_locked(
+    module: Pkcs11Module, uri: Pkcs11Uri, pin: str | None, alg: str
+) -> Pkcs11Signer:
     anchor = acquire_login(module, uri, pin)
     try:
-        key_id = generate_key_pair(anchor, uri)
+        key_id = generate_key_pair(anchor, uri, get_algorithm(alg))
         return _open_key(module, anchor, dataclasses.replace(uri, id=key_id))
     except BaseException:
         anchor.release()

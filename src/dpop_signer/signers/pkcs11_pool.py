@@ -18,14 +18,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pkcs11
 from pkcs11.types import SignMixin
 
 from dpop_signer.errors import ConfigError
-from dpop_signer.jwk import EcPublicJwk
-from dpop_signer.signers.pkcs11_keys import find_private_key, prove_same_key
+from dpop_signer.jwk import PublicJwk
+from dpop_signer.signers.pkcs11_keys import SignScheme, find_private_key, prove_same_key
 from dpop_signer.signers.pkcs11_login import LoginSession, close_quietly
 from dpop_signer.signers.pkcs11_uri import Pkcs11Uri
 
@@ -35,10 +36,25 @@ _CONCURRENT_MODULES = ("p11-kit-proxy.so",)
 """Module files known to be safe for calls on several sessions at once."""
 
 
-def check_concurrent_module(path: str, sessions: int) -> None:
-    """Refuse ``sessions`` > 1 for a module that is not safe for concurrent calls."""
+def check_concurrent_module(path: str, sessions: int, loaded: Iterable[str] = ()) -> None:
+    """Refuse ``sessions`` > 1 for a module that is not safe for concurrent calls.
+
+    ``loaded`` are the module files this process has loaded directly: a module that p11-kit
+    also loads for us is the same library in memory, initialized without locking by the
+    direct load, so concurrent calls through p11-kit would not be safe either.
+    """
+    if sessions <= 1:
+        return
     names = {os.path.basename(path), os.path.basename(os.path.realpath(path))}
-    if sessions > 1 and not names & set(_CONCURRENT_MODULES):
+    direct = sorted(p for p in loaded if os.path.basename(p) not in _CONCURRENT_MODULES)
+    if names & set(_CONCURRENT_MODULES) and direct:
+        raise ConfigError(
+            f"sessions={sessions} is not safe in this process: it also loads "
+            f"{', '.join(direct)} directly (without locking), and p11-kit may load the same "
+            "library; open every key of the process through p11-kit-proxy.so, or leave "
+            "sessions= out"
+        )
+    if not names & set(_CONCURRENT_MODULES):
         raise ConfigError(
             f"sessions={sessions} needs a module that is safe for concurrent calls, and "
             f"{os.path.basename(path)} is initialized without locking (two sessions at once "
@@ -66,7 +82,14 @@ class SessionPool:
         self._free: list[_Slot] = []
         self._changed = threading.Condition()
 
-    def build(self, login: LoginSession, selector: Pkcs11Uri, jwk: EcPublicJwk, what: str) -> None:
+    def build(
+        self,
+        login: LoginSession,
+        selector: Pkcs11Uri,
+        jwk: PublicJwk,
+        scheme: SignScheme,
+        what: str,
+    ) -> None:
         """Open the sessions and find (and prove) the key in each (module lock held)."""
         self.close()
         assert login.session is not None
@@ -74,7 +97,7 @@ class SessionPool:
         try:
             for _ in range(self.size):
                 session = login.token.open()
-                slots.append(_Slot(session, _proved(session, selector, jwk, what)))
+                slots.append(_Slot(session, _proved(session, selector, jwk, scheme, what)))
         except BaseException:
             for slot in slots:
                 close_quietly(slot.session)
@@ -133,7 +156,9 @@ class SessionPool:
         return True
 
 
-def _proved(session: pkcs11.Session, selector: Pkcs11Uri, jwk: EcPublicJwk, what: str) -> SignMixin:
+def _proved(
+    session: pkcs11.Session, selector: Pkcs11Uri, jwk: PublicJwk, scheme: SignScheme, what: str
+) -> SignMixin:
     key = find_private_key(session, selector, what)
-    prove_same_key(session, key, jwk, what)
+    prove_same_key(session, key, jwk, scheme, what)
     return key

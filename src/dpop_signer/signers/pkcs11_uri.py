@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote_to_bytes
 
+from dpop_signer.algorithms import ALGORITHMS
 from dpop_signer.errors import ConfigError, SignerUnavailableError
 from dpop_signer.redaction import SECRET_MARK
 
@@ -48,7 +49,7 @@ SOFTHSM2_MODULE_CANDIDATES = (
 """Where SoftHSM2's module is installed, in the order searched (globs allowed)."""
 
 _PATH_ATTRS = frozenset({"token", "serial", "manufacturer", "model", "object", "id", "type"})
-_QUERY_ATTRS = frozenset({"module-path", "pin-value", "pin-source", "sessions"})
+_QUERY_ATTRS = frozenset({"module-path", "pin-value", "pin-source", "sessions", "alg"})
 MAX_SESSIONS = 64
 """Most signing sessions a ``sessions=`` query attribute may ask for."""
 # Attributes RFC 7512 defines that we refuse on purpose, with the reason and the fix.
@@ -83,6 +84,8 @@ class Pkcs11Uri:
     pin_value: str | None = field(default=None, repr=False)
     pin_source: str | None = None
     sessions: int | None = None
+    alg: str | None = None
+    """dpop-signer's own ``alg=``: the JWS algorithm, needed only to pick RS256 for an RSA key."""
 
     @property
     def key_description(self) -> str:
@@ -114,6 +117,8 @@ class Pkcs11Uri:
             query.append(f"pin-value={SECRET_MARK}")
         if self.sessions is not None:
             query.append(f"sessions={self.sessions}")
+        if self.alg is not None:
+            query.append(f"alg={self.alg}")
         text = "pkcs11:" + ";".join(path)
         return text + ("?" + "&".join(query) if query else "")
 
@@ -162,7 +167,9 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
     Path attributes: ``token``, ``serial``, ``manufacturer``, ``model`` (select the token),
     ``object`` (CKA_LABEL), ``id`` (CKA_ID, percent-encoded bytes), ``type`` (``private``).
     Query attributes: ``module-path``, ``pin-value``, ``pin-source`` (``file:`` URI or path),
-    and dpop-signer's own ``sessions`` (how many sessions sign at once; see `Pkcs11Signer`).
+    and dpop-signer's own ``sessions`` (how many sessions sign at once; see `Pkcs11Signer`) and
+    ``alg`` (the JWS algorithm; it must fit the key, and picks RS256 rather than PS256 for an
+    RSA key).
 
     Raises:
         ConfigError: not a ``pkcs11:`` URI, or an attribute is unknown, repeated, empty or
@@ -201,6 +208,12 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
         raise ConfigError(
             f"PKCS#11 URI sessions={sessions} is not a whole number from 1 to {MAX_SESSIONS}"
         )
+    alg = text("alg")
+    if alg is not None and alg not in ALGORITHMS:
+        raise ConfigError(
+            f"PKCS#11 URI alg={alg} is not a supported algorithm; use one of "
+            f"{', '.join(ALGORITHMS)} (or leave alg= out: it follows the key)"
+        )
     ident = values.get("id")
     assert ident is None or isinstance(ident, bytes)
     return Pkcs11Uri(
@@ -215,6 +228,7 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
         pin_value=text("pin-value"),
         pin_source=text("pin-source"),
         sessions=int(sessions) if sessions is not None else None,
+        alg=alg,
     )
 
 

@@ -271,8 +271,11 @@ def _prepare_file(path: Path) -> None:
     # O_NOFOLLOW: a symlink planted at the path must not make us chmod (or write) its target.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_IMODE(mode) & 0o077:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            # Planted by another user (a shared /tmp): it could read every token written.
+            raise PermissionError(f"{path} belongs to another user (uid {info.st_uid})")
+        if stat.S_IMODE(info.st_mode) & 0o077:
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)

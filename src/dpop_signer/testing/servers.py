@@ -374,6 +374,9 @@ class LocalAuthorizationServer(RecordingServer):
         max_future: float = 60.0,
         stall_until: float | None = None,
         unavailable_retry_after: str | None = None,
+        assertion_audience: Literal["issuer", "issuer_or_token_endpoint"] = (
+            "issuer_or_token_endpoint"
+        ),
     ) -> None:
         """Create the server (not started: serve `app`, e.g. with `ServerThread`).
 
@@ -394,6 +397,9 @@ class LocalAuthorizationServer(RecordingServer):
                 request waits (at most 60 s), then is answered as usual.
             unavailable_retry_after: When set, every token request is answered ``503`` with
                 this ``Retry-After`` header value.
+            assertion_audience: The ``aud`` a ``private_key_jwt`` assertion may have: ``issuer``
+                only, as draft-ietf-oauth-rfc7523bis demands of servers, or also the token
+                endpoint URL (the default, RFC 7523 §3 as first published). Always one string.
         """
         super().__init__(
             require_nonce=require_nonce,
@@ -409,6 +415,8 @@ class LocalAuthorizationServer(RecordingServer):
         """Token requests wait until this ``time.time()`` (switchable at runtime)."""
         self.unavailable_retry_after = unavailable_retry_after
         """Token requests get 503 with this ``Retry-After`` (switchable at runtime)."""
+        self.assertion_audience = assertion_audience
+        """Which assertion ``aud`` values are accepted (switchable at runtime)."""
         self.issuer = issuer
         self._signer = PemSigner(ec.generate_private_key(ec.SECP256R1()), source="local AS key")
         self.kid = jwk_thumbprint(self._signer.public_jwk)
@@ -438,8 +446,7 @@ class LocalAuthorizationServer(RecordingServer):
     @property
     def public_jwk(self) -> dict[str, str]:
         """The public JWK that verifies issued access tokens."""
-        jwk = self._signer.public_jwk
-        return {"kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"], "y": jwk["y"]}
+        return {name: str(value) for name, value in self._signer.public_jwk.items()}
 
     def register_client(
         self,
@@ -699,7 +706,12 @@ class LocalAuthorizationServer(RecordingServer):
                 verify_client_assertion(
                     form["client_assertion"],
                     client_id=client_id,
-                    audiences={issuer, f"{issuer}/token"},
+                    issuer=issuer,
+                    token_endpoint=(
+                        f"{issuer}/token"
+                        if self.assertion_audience == "issuer_or_token_endpoint"
+                        else None
+                    ),
                     key=registration.jwk,
                     now=now,
                     replay=self.assertion_replay,

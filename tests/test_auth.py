@@ -25,6 +25,7 @@ from dpop_signer.errors import (
     DPoPSignerError,
     InvalidTokenResponseError,
     OAuthError,
+    ServerFailedError,
     ServerUnreachableError,
     TokenEndpointError,
     UseDPoPNonceError,
@@ -357,7 +358,7 @@ def test_token_type_is_compared_case_insensitively(pem_signer: Signer) -> None:
 @pytest.mark.parametrize(
     ("failure", "error", "match"),
     [
-        ("500", ServerUnreachableError, "HTTP 500"),
+        ("500", ServerFailedError, "HTTP 500"),
         ("html", InvalidTokenResponseError, "text/html"),
         ("json_list", InvalidTokenResponseError, "not a JSON object"),
         ("invalid_client", TokenEndpointError, "invalid_client"),

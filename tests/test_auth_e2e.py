@@ -22,6 +22,7 @@ from dpop_signer import DPoPAuth, load_signer
 from dpop_signer.errors import (
     InvalidTokenResponseError,
     OAuthError,
+    ServerFailedError,
     ServerUnreachableError,
     TokenEndpointError,
     UseDPoPNonceError,
@@ -133,7 +134,7 @@ def test_invalid_token_twice_after_exactly_one_renewal(
 @pytest.mark.parametrize(
     ("mode", "error", "match"),
     [
-        ("error_500", ServerUnreachableError, "HTTP 500"),
+        ("error_500", ServerFailedError, "HTTP 500"),
         ("html", InvalidTokenResponseError, "text/html"),
         ("bearer", InvalidTokenResponseError, "Bearer"),
     ],

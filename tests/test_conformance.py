@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from dpop_signer.errors import (
     InvalidTokenResponseError,
     OAuthError,
+    ServerFailedError,
     ServerUnreachableError,
     TokenEndpointError,
     UseDPoPNonceError,
@@ -123,7 +124,7 @@ def test_a_revoked_token_is_renewed_and_the_call_succeeds(
 @pytest.mark.parametrize(
     ("mode", "error", "match"),
     [
-        ("error_500", ServerUnreachableError, "HTTP 500"),
+        ("error_500", ServerFailedError, "HTTP 500"),
         ("html", InvalidTokenResponseError, "text/html"),
         ("bearer", InvalidTokenResponseError, "Bearer"),
     ],

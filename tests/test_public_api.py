@@ -30,6 +30,7 @@ EXPORTED = CONTRACT | {
     "AccessToken",
     "ClientCredentialsTokenSource",
     "ConfigError",
+    "InvalidKeyError",
     "InvalidTokenResponseError",
     "KeyChangedError",
     "KeyNotFoundError",
@@ -37,6 +38,7 @@ EXPORTED = CONTRACT | {
     "OAuthError",
     "PinError",
     "ProofError",
+    "ServerFailedError",
     "ServerUnreachableError",
     "SignerError",
     "SignerTimeoutError",
@@ -63,7 +65,7 @@ def test_every_exported_name_resolves(name: str) -> None:
 
 def test_every_deliberate_error_derives_from_the_base() -> None:
     errors = [getattr(dpop_signer, n) for n in EXPORTED if n.endswith("Error")]
-    assert len(errors) == 17
+    assert len(errors) == 19
     for error in errors:
         assert issubclass(error, dpop_signer.DPoPSignerError), error
 

@@ -30,7 +30,12 @@ import httpx
 import pytest
 
 from dpop_signer import DPoPAuth
-from dpop_signer.errors import OAuthError, ServerUnreachableError, TokenEndpointError
+from dpop_signer.errors import (
+    OAuthError,
+    ServerFailedError,
+    ServerUnreachableError,
+    TokenEndpointError,
+)
 from dpop_signer.signers.base import Signer
 from dpop_signer.testing.servers import LocalServers
 from tests.conftest import SoftHsmToken
@@ -181,12 +186,12 @@ def test_retry_after_is_honoured(
     clock = Clock(servers)
     auth = auth_for(servers, pem_signer, clock=clock)
     with httpx.Client(timeout=TIMEOUT) as client:
-        with pytest.raises(ServerUnreachableError, match="503") as first:
+        with pytest.raises(ServerFailedError, match="503") as first:
             auth.get_token(client)
         assert first.value.retry_after is not None
         assert 2.0 <= first.value.retry_after <= 3.5
         clock.advance(1.5)  # past any jittered first backoff (<= 1 s), not past Retry-After
-        with pytest.raises(ServerUnreachableError) as second:
+        with pytest.raises(ServerFailedError) as second:
             auth.get_token(client)
         assert as_.token_requests == 1
         assert second.value.retry_after is not None
@@ -206,7 +211,7 @@ def test_backoff_doubles_with_jitter_up_to_a_cap(
     delays: list[float] = []
     with httpx.Client(timeout=TIMEOUT) as client:
         for _ in range(10):
-            with pytest.raises(ServerUnreachableError) as info:
+            with pytest.raises(ServerFailedError) as info:
                 auth.get_token(client)
             assert info.value.retry_after is not None
             delays.append(info.value.retry_after)

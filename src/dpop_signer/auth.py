@@ -106,7 +106,13 @@ from dpop_signer.nonces import NonceCache
 from dpop_signer.proof import DPoPProofBuilder
 from dpop_signer.signers.base import Signer
 from dpop_signer.stores import TokenStore
-from dpop_signer.tokens import AccessToken, CachedToken, ClientAuth, ClientCredentialsTokenSource
+from dpop_signer.tokens import (
+    AccessToken,
+    AssertionAudience,
+    CachedToken,
+    ClientAuth,
+    ClientCredentialsTokenSource,
+)
 
 __all__ = ["DPoPAuth"]
 
@@ -133,6 +139,10 @@ class DPoPAuth(httpx.Auth):
             then follows `rotate`).
         resource: RFC 8707 resource indicator(s) for the token request.
         audience: An ``audience`` token request parameter.
+        issuer: The authorization server's issuer identifier (RFC 8414 §2), e.g. from
+            `dpop_signer.discovery.discover`; the ``aud`` of ``private_key_jwt`` assertions.
+        assertion_audience: ``"issuer"`` (default, draft-ietf-oauth-rfc7523bis) or
+            ``"token_endpoint"`` for servers that still demand the token endpoint URL.
         leeway: Renew this many seconds before the token expires (at most half its lifetime).
             Renewal does not hold up requests while the token is still valid.
         accept_bearer: Accept a ``Bearer`` token from the token endpoint (sent with the
@@ -173,6 +183,8 @@ class DPoPAuth(httpx.Auth):
         assertion_signer: Signer | None = None,
         resource: str | Sequence[str] | None = None,
         audience: str | None = None,
+        issuer: str | None = None,
+        assertion_audience: AssertionAudience = "issuer",
         leeway: float = 30.0,
         accept_bearer: bool = False,
         nonces: NonceCache | None = None,
@@ -191,6 +203,8 @@ class DPoPAuth(httpx.Auth):
             assertion_signer=assertion_signer,
             resource=resource,
             audience=audience,
+            issuer=issuer,
+            assertion_audience=assertion_audience,
             leeway=leeway,
             accept_bearer=accept_bearer,
             nonces=nonces,
@@ -366,7 +380,7 @@ class DPoPAuth(httpx.Auth):
                     request = runner.throw(self._flow.unreachable(exc))
                     continue
                 request = runner.send(response)
-            raise OAuthError("token fetch did not finish; this is a bug in dpop-signer")
+            raise RuntimeError("token fetch did not finish; this is a bug in dpop-signer")
         except StopIteration as stop:
             result: T = stop.value
             return result
@@ -386,7 +400,7 @@ class DPoPAuth(httpx.Auth):
                     request = await runner.athrow(self._flow.unreachable(exc))
                     continue
                 request = await runner.asend(response)
-            raise OAuthError("token fetch did not finish; this is a bug in dpop-signer")
+            raise RuntimeError("token fetch did not finish; this is a bug in dpop-signer")
         except StopAsyncIteration:
             return result[0]
         finally:

@@ -29,6 +29,7 @@ from dpop_signer.errors import (
     DPoPSignerError,
     OAuthError,
     ProofError,
+    ServerFailedError,
     ServerUnreachableError,
     SignerError,
     SignerUnavailableError,
@@ -76,7 +77,7 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_USAGE
     if isinstance(exc, SignerError):
         return EXIT_KEY
-    if isinstance(exc, ServerUnreachableError):
+    if isinstance(exc, ServerUnreachableError | ServerFailedError):
         return EXIT_NETWORK
     if isinstance(exc, OAuthError):
         return EXIT_REFUSED

@@ -609,11 +609,11 @@ def build_auth(settings: Settings, signer: Signer, **overrides: Any) -> DPoPAuth
         "accept_bearer": settings.accept_bearer,
         "token_store": settings.token_store or "memory",
         "proofs_ahead": _proofs_ahead(settings),
+        "issuer": settings.issuer,
+        "assertion_audience": settings.assertion_audience,
     }
     kwargs.update(overrides)
-    auth = DPoPAuth(signer, **kwargs)
-    _set_assertion_audience(auth, settings.issuer, settings.assertion_audience)
-    return auth
+    return DPoPAuth(signer, **kwargs)
 
 
 def _proofs_ahead(settings: Settings) -> bool | None:
@@ -657,23 +657,3 @@ def _check_fit(
 
             close_signer(assertion_signer)
         raise ConfigError("; ".join(problems))
-
-
-def _set_assertion_audience(auth: DPoPAuth, issuer: str | None, mode: AssertionAudience) -> None:
-    """Give ``auth``'s token source the issuer and the assertion audience setting.
-
-    `DPoPAuth` takes no ``issuer=`` / ``assertion_audience=`` yet (`dpop_signer.flow` builds
-    the token source); until it does, its source is rebuilt here the way `DPoPFlow` builds it,
-    and the arguments are kept for the source `DPoPFlow.rotate` builds.
-    """
-    from dpop_signer.tokens import ClientCredentialsTokenSource
-
-    flow = auth.flow
-    flow._source_args.update(issuer=issuer, assertion_audience=mode)
-    source = flow.source
-    flow.source = ClientCredentialsTokenSource(
-        source.token_url,
-        source.client_id,
-        assertion_signer=source.assertion_signer,
-        **flow._source_args,
-    )

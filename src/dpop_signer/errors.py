@@ -8,12 +8,13 @@ with ``from``; they never reach the caller bare.
 ```
 DPoPSignerError
 ├── ConfigError                 invalid, missing or contradictory settings
+├── InvalidKeyError             a JWK or public key that is no usable EC/OKP/RSA key
 ├── SignerError                 anything the key backend does wrong
 │   ├── SignerUnavailableError  module will not load, token absent, device or session lost
 │   │   ├── KeyChangedError     the token now holds a different key under the same name
 │   │   └── SignerTimeoutError  the module did not answer within the signing deadline
 │   ├── KeyNotFoundError        no key, or more than one key, matches the reference
-│   ├── UnsupportedKeyError     not an EC P-256 private key (RSA, P-384, public only, ...)
+│   ├── UnsupportedKeyError     a key no supported algorithm fits (secp256k1, RSA-1024, public only)
 │   ├── PinError                wrong, locked or missing PIN or passphrase; never retried
 │   └── SigningFailedError      the backend failed to sign or returned a malformed signature
 ├── ProofError                  invalid input for a DPoP proof (method, URL, token)
@@ -22,8 +23,12 @@ DPoPSignerError
     ├── TokenEndpointError      RFC 6749 §5.2 error response (.error, .error_description, .status)
     ├── InvalidTokenResponseError  unparseable §5.1 response, or a token_type we did not ask for
     ├── UseDPoPNonceError       a nonce demand we cannot meet (none sent, same one repeated)
+    ├── ServerFailedError       the server answered HTTP 5xx without an OAuth error: it is failing
     └── ServerUnreachableError  connection refused, timed out, or the wrong kind of server
 ```
+
+A bug in dpop-signer itself (an internal invariant that does not hold) is a `RuntimeError`, never
+one of these: these say what is wrong with the world, not with the code.
 
 An `OAuthError` from a token request carries ``retry_after``: when the next one is sent.
 
@@ -36,12 +41,14 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DPoPSignerError",
+    "InvalidKeyError",
     "InvalidTokenResponseError",
     "KeyChangedError",
     "KeyNotFoundError",
     "OAuthError",
     "PinError",
     "ProofError",
+    "ServerFailedError",
     "ServerUnreachableError",
     "SignerError",
     "SignerTimeoutError",
@@ -71,6 +78,13 @@ class DPoPSignerError(Exception):
 
 class ConfigError(DPoPSignerError):
     """Raised when settings are invalid, missing or contradict each other."""
+
+
+class InvalidKeyError(DPoPSignerError, ValueError):
+    """Raised when a JWK or public key is not a usable EC, OKP or RSA key (RFC 7517, 7518, 8037).
+
+    Also a `ValueError`, as `jwk_thumbprint` and the JWK helpers raised before it existed.
+    """
 
 
 class SignerError(DPoPSignerError):
@@ -166,3 +180,10 @@ class UseDPoPNonceError(OAuthError):
 
 class ServerUnreachableError(OAuthError):
     """Raised when a server cannot be reached, times out, or is not the server expected."""
+
+
+class ServerFailedError(OAuthError):
+    """Raised when a server answers HTTP 5xx without an OAuth error: it is failing, not refusing.
+
+    Worth trying again later (the token fetch backs off); the CLI exits with the network status.
+    """

@@ -88,6 +88,7 @@ from dpop_signer.stores import (
 )
 from dpop_signer.tokens import (
     AccessToken,
+    AssertionAudience,
     CachedToken,
     ClientAuth,
     ClientCredentialsTokenSource,
@@ -147,6 +148,8 @@ class DPoPOptions(TypedDict, total=False):
     assertion_signer: Signer | None
     resource: str | Sequence[str] | None
     audience: str | None
+    issuer: str | None
+    assertion_audience: AssertionAudience
     leeway: float
     accept_bearer: bool
     nonces: NonceCache | None
@@ -315,6 +318,8 @@ class DPoPFlow:
         assertion_signer: Signer | None = None,
         resource: str | Sequence[str] | None = None,
         audience: str | None = None,
+        issuer: str | None = None,
+        assertion_audience: AssertionAudience = "issuer",
         leeway: float = 30.0,
         accept_bearer: bool = False,
         nonces: NonceCache | None = None,
@@ -347,6 +352,8 @@ class DPoPFlow:
             "resource": resource,
             "audience": audience,
             "accept_bearer": accept_bearer,
+            "issuer": issuer,
+            "assertion_audience": assertion_audience,
         }
         self.source = ClientCredentialsTokenSource(
             token_url,

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from dpop_signer.errors import SigningFailedError, UnsupportedKeyError
+from dpop_signer.errors import InvalidKeyError, SigningFailedError, UnsupportedKeyError
 from dpop_signer.jose import b64url_decode, b64url_encode  # public here since before jose.py
 
 __all__ = [
@@ -193,9 +193,9 @@ def public_key_of_jwk(jwk: Mapping[str, object]) -> PublicKey:
     elif kty == "RSA":
         members = (kty, jwk.get("n"), jwk.get("e"))
     else:
-        raise ValueError(f"key type {str(kty)[:20]!r} is not EC, OKP or RSA")
+        raise InvalidKeyError(f"key type {str(kty)[:20]!r} is not EC, OKP or RSA")
     if not all(isinstance(m, str) for m in members):
-        raise ValueError(f"key has no valid {kty} members (strings expected)")
+        raise InvalidKeyError(f"key has no valid {kty} members (strings expected)")
     return _public_key(members)
 
 
@@ -205,45 +205,45 @@ def _public_key(members: tuple[str, ...]) -> PublicKey:
     if kty == "EC":
         _, crv, x, y = members
         if crv not in _CURVE_BY_CRV:
-            raise ValueError(f"key curve {crv[:20]!r} is not P-256, P-384 or P-521")
+            raise InvalidKeyError(f"key curve {crv[:20]!r} is not P-256, P-384 or P-521")
         size, curve = _CURVE_BY_CRV[crv]
         x_bytes, y_bytes = _decoded(x, "x"), _decoded(y, "y")
         if len(x_bytes) != size or len(y_bytes) != size:
-            raise ValueError(f"key coordinates are not {size} bytes each, as {crv} needs")
+            raise InvalidKeyError(f"key coordinates are not {size} bytes each, as {crv} needs")
         try:
             return ec.EllipticCurvePublicNumbers(
                 int.from_bytes(x_bytes, "big"), int.from_bytes(y_bytes, "big"), curve()
             ).public_key()
         except ValueError as exc:
-            raise ValueError(f"key is not a point on the {crv} curve") from exc
+            raise InvalidKeyError(f"key is not a point on the {crv} curve") from exc
     if kty == "OKP":
         _, crv, x = members
         if crv != "Ed25519":
-            raise ValueError(f"OKP curve {crv[:20]!r} is not Ed25519")
+            raise InvalidKeyError(f"OKP curve {crv[:20]!r} is not Ed25519")
         raw = _decoded(x, "x")
         if len(raw) != ED25519_KEY_SIZE:
-            raise ValueError(f"Ed25519 key x is {len(raw)} bytes, not {ED25519_KEY_SIZE}")
+            raise InvalidKeyError(f"Ed25519 key x is {len(raw)} bytes, not {ED25519_KEY_SIZE}")
         return ed25519.Ed25519PublicKey.from_public_bytes(raw)
     _, n, e = members
     n_bytes, e_bytes = _decoded(n, "n"), _decoded(e, "e")
     if n_bytes[:1] == b"\x00" or e_bytes[:1] == b"\x00":
-        raise ValueError("key n or e has leading zero octets (RFC 7518 §6.3.1)")
+        raise InvalidKeyError("key n or e has leading zero octets (RFC 7518 §6.3.1)")
     modulus, exponent = int.from_bytes(n_bytes, "big"), int.from_bytes(e_bytes, "big")
     if modulus.bit_length() < 2048:
-        raise ValueError(f"RSA key is {modulus.bit_length()} bits; at least 2048 are required")
+        raise InvalidKeyError(f"RSA key is {modulus.bit_length()} bits; at least 2048 are required")
     try:
         return rsa.RSAPublicNumbers(exponent, modulus).public_key()
     except ValueError as exc:
-        raise ValueError("key is not a valid RSA public key") from exc
+        raise InvalidKeyError("key is not a valid RSA public key") from exc
 
 
 def _decoded(value: str, name: str) -> bytes:
     try:
         raw = b64url_decode(value)
     except ValueError as exc:
-        raise ValueError(f"key member {name} is not base64url") from exc
+        raise InvalidKeyError(f"key member {name} is not base64url") from exc
     if not raw or b64url_encode(raw) != value:
-        raise ValueError(f"key member {name} is not canonical base64url")
+        raise InvalidKeyError(f"key member {name} is not canonical base64url")
     return raw
 
 
@@ -275,7 +275,7 @@ def jwk_thumbprint(jwk: Mapping[str, object]) -> str:
     }
     kty = jwk.get("kty")
     if not isinstance(kty, str) or kty not in required:
-        raise ValueError(f"cannot compute a thumbprint for key type {kty!r}")
+        raise InvalidKeyError(f"cannot compute a thumbprint for key type {kty!r}")
     members = {name: jwk[name] for name in required[kty]}
     canonical = json.dumps(members, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
     return b64url_encode(hashlib.sha256(canonical.encode("utf-8")).digest())
@@ -301,7 +301,7 @@ def der_to_raw_signature(der: bytes, coordinate_size: int = COORDINATE_SIZE) -> 
 def raw_to_der_signature(raw: bytes, size: int = SIGNATURE_SIZE) -> bytes:
     """Convert ``size``-byte r||s (64 for ES256) to a DER ECDSA-Sig-Value for ``cryptography``."""
     if len(raw) != size:
-        raise ValueError(f"ECDSA signature must be {size} bytes, got {len(raw)}")
+        raise InvalidKeyError(f"ECDSA signature must be {size} bytes, got {len(raw)}")
     half = size // 2
     return encode_dss_signature(
         int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")

@@ -55,6 +55,7 @@ from dpop_signer.errors import (
     InvalidTokenResponseError,
     OAuthError,
     ProofError,
+    ServerFailedError,
     ServerUnreachableError,
     TokenEndpointError,
 )
@@ -362,7 +363,7 @@ class ClientCredentialsTokenSource:
                 ``.status``); ``use_dpop_nonce`` is one too.
             InvalidTokenResponseError: not a usable §5.1 response (not JSON, HTML, missing or
                 malformed fields, a ``token_type`` that is not DPoP).
-            ServerUnreachableError: a 5xx without an OAuth error body: the server failed.
+            ServerFailedError: a 5xx without an OAuth error body: the server failed.
         """
         status = response.status_code
         where = f"token endpoint {self._htu}"
@@ -372,7 +373,7 @@ class ClientCredentialsTokenSource:
         if body is not None and status >= 400 and isinstance(body.get("error"), str):
             raise self._error(body, status, where)
         if status >= 500:
-            raise ServerUnreachableError(
+            raise ServerFailedError(
                 f"{where} failed with HTTP {status} ({shown_type}); the authorization server "
                 "is broken or overloaded, try again later or check its logs"
             )
@@ -687,7 +688,7 @@ class TokenCache:
 
 def _unavailable(error: OAuthError) -> bool:
     """True if ``error`` says the token endpoint is down or overloaded: worth backing off."""
-    if isinstance(error, ServerUnreachableError):  # transport error, timeout, bare 5xx
+    if isinstance(error, ServerUnreachableError | ServerFailedError):  # down, or a bare 5xx
         return True
     return isinstance(error, TokenEndpointError) and (error.status == 429 or error.status >= 500)
 

@@ -485,8 +485,7 @@ def verify_client_assertion(
         return VerificationError(f"client assertion {message}", error=error)
 
     header, claims, signing_input, signature = _decode_jws(assertion, "client assertion", fail)
-    _check_alg(header, fail)
-    _verify_es256(key, signing_input, signature, fail)
+    _verify_jws(_check_alg(header, fail), key, signing_input, signature, fail)
     if claims.get("iss") != client_id or claims.get("sub") != client_id:
         raise fail(f"iss and sub must both be the client_id {client_id!r}")
     _check_assertion_aud(claims.get("aud"), issuer, token_endpoint, audiences, fail)
@@ -601,13 +600,6 @@ def _verify_jws(
         raise fail(str(exc)) from exc
     if not valid:
         raise fail("signature does not verify with the key")
-
-
-def _verify_es256(
-    jwk: Mapping[str, Any], signing_input: bytes, signature: bytes, fail: _Fail
-) -> None:
-    # Kept for `verify_client_assertion` until it passes the header's alg to `_verify_jws`.
-    _verify_jws("ES256", jwk, signing_input, signature, fail)
 
 
 def _ath(access_token: str) -> str:

@@ -18,6 +18,8 @@ server and URL.
 * Every `DPoPAuth` row of both runs twice, with ``proofs_ahead`` off and on
   (`dpop_signer.ahead`): repeated GETs of one URL, so from the third call on each request
   takes the proof signed after the previous response, while the client handled that response.
+* ``requests`` with `DPoPRequestsAuth` and ``aiohttp`` with `DPoPMiddleware` (PEM key), each
+  against the same library sending a fixed Bearer header: every driver's own ratio.
 * 1,000 concurrent requests: a fresh `DPoPAuth` on an ``AsyncClient`` and 1,000 tasks started
   together, with no token yet and a token endpoint that takes 20 ms: single flight means
   exactly one token request (counted by the server, and by `DPoPAuth.token_requests`).
@@ -224,6 +226,72 @@ def async_pairs(
     return pairs
 
 
+def driver_pairs(
+    base: str, signer: Any, closers: list[Callable[[], None]]
+) -> list[tuple[Variant, Variant, float | None]]:
+    """``requests`` and ``aiohttp`` with their DPoP drivers, each against itself with Bearer."""
+    import aiohttp
+    import requests
+
+    from dpop_signer.aiohttp import DPoPMiddleware
+    from dpop_signer.requests import DPoPRequestsAuth
+
+    options: dict[str, Any] = {
+        "token_url": f"{base}/token",
+        "client_id": "bench",
+        "client_secret": "x",
+    }
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    url = f"{base}/api"
+    dpop_session, plain_session = requests.Session(), requests.Session()
+    plain_session.headers.update(bearer)
+    auth = DPoPRequestsAuth(signer, session=dpop_session, proofs_ahead=False, **options)
+    closers += [dpop_session.close, plain_session.close]
+    pairs: list[tuple[Variant, Variant, float | None]] = [
+        (
+            Variant(
+                "requests.Session + DPoPRequestsAuth (PemSigner)",
+                lambda: dpop_session.get(url, auth=auth),
+            ),
+            Variant("requests.Session + fixed Bearer", lambda: plain_session.get(url)),
+            0.85,
+        )
+    ]
+    loop = asyncio.new_event_loop()
+
+    async def sessions() -> tuple[aiohttp.ClientSession, aiohttp.ClientSession]:
+        middleware = DPoPMiddleware(signer, proofs_ahead=False, **options)
+        return (
+            aiohttp.ClientSession(middlewares=(middleware,)),
+            aiohttp.ClientSession(headers=bearer),
+        )
+
+    with_dpop, with_bearer = loop.run_until_complete(sessions())
+
+    def fetch(session: aiohttp.ClientSession) -> Callable[[], object]:
+        async def get() -> bytes:
+            async with session.get(url) as response:
+                return await response.read()
+
+        return lambda: loop.run_until_complete(get())
+
+    pairs.append(
+        (
+            Variant("aiohttp.ClientSession + DPoPMiddleware (PemSigner)", fetch(with_dpop)),
+            Variant("aiohttp.ClientSession + fixed Bearer", fetch(with_bearer)),
+            0.85,
+        )
+    )
+
+    def close() -> None:
+        loop.run_until_complete(with_dpop.close())
+        loop.run_until_complete(with_bearer.close())
+        loop.close()
+
+    closers.append(close)
+    return pairs
+
+
 def own_cost_pair(signer: Any, closers: list[Callable[[], None]]) -> tuple[Variant, Variant]:
     """`DPoPAuth`'s own work per request, apart from signing and the network.
 
@@ -405,6 +473,7 @@ def main(argv: list[str]) -> list[Row]:
             signers["Pkcs11Signer, SoftHSM2"] = (hsm, None)
         server, base = start_server()
         pairs = sync_pairs(base, signers, closers) + async_pairs(base, signers, closers)
+        pairs += driver_pairs(base, pem, closers)
         for ours, baseline, target in pairs:
             print(f"  {ours.name} ...", file=sys.stderr, flush=True)
             interleave([ours, baseline], rounds, seconds * 2, budget=15)

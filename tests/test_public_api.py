@@ -72,12 +72,12 @@ def test_every_deliberate_error_derives_from_the_base() -> None:
 
 def test_call_signatures_match_the_contract() -> None:
     load = inspect.signature(dpop_signer.load_signer).parameters
-    assert list(load) == ["ref", "pin", "sign_timeout"]
+    assert list(load) == ["ref", "pin", "sign_timeout", "alg"]
     assert load["pin"].kind is inspect.Parameter.KEYWORD_ONLY
     assert load["sign_timeout"].kind is inspect.Parameter.KEYWORD_ONLY
     assert load["sign_timeout"].default == 5.0
     generate = inspect.signature(dpop_signer.generate_key).parameters
-    assert list(generate) == ["ref", "pin"]
+    assert list(generate) == ["ref", "pin", "alg"]
     build = inspect.signature(dpop_signer.DPoPProofBuilder.build).parameters
     assert list(build)[:3] == ["self", "htm", "htu"]
     assert build["access_token"].kind is inspect.Parameter.KEYWORD_ONLY

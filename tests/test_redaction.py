@@ -189,7 +189,7 @@ def test_token_v_against_an_echoing_token_endpoint_leaks_nothing(
         "-v",
         env=env_for(pem_key_path, echo.url + "/token", DPOP_CLIENT_AUTH=client_auth),
     )
-    assert result.code == 1, result.err
+    assert result.code == 4, result.err
     assert "Traceback" not in result.both
     assert len(echo.proofs) == 1
     assert echo.proofs[0].count(".") == 2
@@ -216,7 +216,7 @@ def test_request_v_against_an_echoing_token_endpoint_leaks_nothing(
     result = dpop(
         "request", "-v", echo.url + "/api", env=env_for(pem_key_path, echo.url + "/token")
     )
-    assert result.code == 1, result.err
+    assert result.code == 4, result.err
     assert_clean(result.both, echo)
     line = error_line(result)
     assert "HTTP 401 invalid_client" in line

@@ -13,7 +13,7 @@ import pytest
 from dpop_signer.errors import (
     ConfigError,
     InvalidTokenResponseError,
-    ServerUnreachableError,
+    ServerFailedError,
     TokenEndpointError,
 )
 from dpop_signer.signers.base import Signer
@@ -263,9 +263,9 @@ def test_use_dpop_nonce_is_a_token_endpoint_error() -> None:
     assert info.value.error == "use_dpop_nonce"
 
 
-def test_server_error_without_oauth_body_is_unreachable_with_status_and_type() -> None:
+def test_server_error_without_oauth_body_is_a_server_failure_with_status_and_type() -> None:
     response = _response(500, text=f"Traceback ... secret={SECRET}")
-    with pytest.raises(ServerUnreachableError) as info:
+    with pytest.raises(ServerFailedError) as info:
         _source().parse(response, now=0.0)
     message = str(info.value)
     assert "HTTP 500" in message

@@ -239,16 +239,32 @@ class SqliteStore:
         )
         try:
             db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            db.execute("PRAGMA journal_mode = WAL")
-            # A token cache loses nothing worth an fsync per write when the power fails.
-            db.execute("PRAGMA synchronous = NORMAL")
-            for statement in _SCHEMA:
-                db.execute(statement)
+            self._initialize(db)
         except BaseException:
             db.close()
             raise
         self._conn, self._pid = db, os.getpid()
         return db
+
+    def _initialize(self, db: sqlite3.Connection) -> None:
+        # Processes that open a new file at the same moment (workers starting together) race
+        # for the switch to WAL and the schema, and SQLite answers "database is locked" at
+        # once there instead of waiting: try again, within the busy timeout.
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.01
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                # A token cache loses nothing worth an fsync per write when the power fails.
+                db.execute("PRAGMA synchronous = NORMAL")
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -14,7 +14,17 @@ import time
 from bench.report import Row, machine, render
 
 # Each name is a module bench/<name>.py with ``main(argv: list[str]) -> list[Row]``.
-BENCHMARKS = ("proofs", "client", "service", "faults", "outage", "stores", "memory", "startup")
+BENCHMARKS = (
+    "proofs",
+    "sessions",
+    "client",
+    "service",
+    "faults",
+    "outage",
+    "stores",
+    "memory",
+    "startup",
+)
 
 
 def run(argv: list[str]) -> int:

@@ -179,7 +179,7 @@ class Pkcs11Signer:
         secret = resolve_pin(parsed, pin)
         sessions = parsed.sessions or 1
         path = resolve_module(parsed)
-        check_concurrent_module(path, sessions, pkcs11_library.loaded_modules())
+        check_concurrent_module(path, sessions, pkcs11_library.loaded_module_names().values())
         module = pkcs11_module(path)
         where = f"PKCS#11 module {module.display}"
         signer = module.call_within(timeout, where, _open_locked, module, parsed, secret)

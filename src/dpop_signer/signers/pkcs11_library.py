@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
     from dpop_signer.signers.pkcs11_login import LoginSession
 
-__all__ = ["Pkcs11Module", "loaded_modules", "pkcs11_module"]
+__all__ = ["Pkcs11Module", "loaded_module_names", "pkcs11_module"]
 
 logger = logging.getLogger("dpop_signer.pkcs11")
 
@@ -317,10 +317,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def loaded_modules() -> list[str]:
-    """The module files this process has loaded (real paths)."""
+def loaded_module_names() -> dict[str, str]:
+    """The modules this process has loaded: real path -> the path they were named by."""
     with _MODULES_LOCK:
-        return [path for path, module in _MODULES.items() if module.pid == os.getpid()]
+        return {
+            path: module.display for path, module in _MODULES.items() if module.pid == os.getpid()
+        }
 
 
 def pkcs11_module(path: str) -> Pkcs11Module:

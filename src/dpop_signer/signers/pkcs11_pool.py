@@ -39,14 +39,19 @@ _CONCURRENT_MODULES = ("p11-kit-proxy.so",)
 def check_concurrent_module(path: str, sessions: int, loaded: Iterable[str] = ()) -> None:
     """Refuse ``sessions`` > 1 for a module that is not safe for concurrent calls.
 
-    ``loaded`` are the module files this process has loaded directly: a module that p11-kit
-    also loads for us is the same library in memory, initialized without locking by the
-    direct load, so concurrent calls through p11-kit would not be safe either.
+    ``loaded`` are the module files (as named) this process has loaded: a module that p11-kit
+    also loads for us is the same library in memory, initialized without locking by the direct
+    load, so concurrent calls through p11-kit would not be safe either.
     """
     if sessions <= 1:
         return
     names = {os.path.basename(path), os.path.basename(os.path.realpath(path))}
-    direct = sorted(p for p in loaded if os.path.basename(p) not in _CONCURRENT_MODULES)
+    direct = sorted(
+        p
+        for p in loaded
+        if os.path.basename(p) not in _CONCURRENT_MODULES
+        and os.path.realpath(p) != os.path.realpath(path)
+    )
     if names & set(_CONCURRENT_MODULES) and direct:
         raise ConfigError(
             f"sessions={sessions} is not safe in this process: it also loads "

@@ -1,9 +1,10 @@
 """Callers during a token endpoint stall: latency percentiles, with and without a cached token.
 
-The local authorization server stalls every token request for ``--stall`` seconds (its
-``stall_until`` switch; default 5 s, the issue's figure) while ``--callers`` callers (default
-20) ask `DPoPAuth.aheaders` for headers in a loop, as ``dpop serve``'s ``/v1/headers`` does,
-on one `httpx.AsyncClient` with ``--timeout`` seconds (default 2). Two runs:
+The local authorization server stalls every token request for ``--stall`` seconds (the
+``stall_until`` switch of ``tests/fault_servers.py``; default 5 s, the issue's figure) while
+``--callers`` callers (default 20) ask `DPoPAuth.aheaders` for headers in a loop, as
+``dpop serve``'s ``/v1/headers`` does, on one `httpx.AsyncClient` with ``--timeout`` seconds
+(default 2). Two runs:
 
 * no cached token: every call needs a token; the first fetch times out, its failure is shared,
   and the backoff answers the rest at once (failures are expected; their latency is the point);
@@ -27,12 +28,13 @@ import time
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.fault_servers import start_fault_servers
 
 from bench.report import Row
 from dpop_signer import DPoPAuth
 from dpop_signer.errors import DPoPSignerError
 from dpop_signer.signers.pem import PemSigner
-from dpop_signer.testing.servers import LocalServers, start_local_servers
+from dpop_signer.testing.servers import LocalServers
 
 SECTION = "Token endpoint stall"
 
@@ -79,7 +81,7 @@ async def _callers(
 
 def _run(cached: bool, stall: float, timeout: float, callers: int) -> Row:
     signer = PemSigner(ec.generate_private_key(ec.SECP256R1()), source="bench key")
-    with start_local_servers(token_lifetime=60) as servers:
+    with start_fault_servers(token_lifetime=60) as servers:
         clock = _Clock(servers)
         auth = DPoPAuth(
             signer,

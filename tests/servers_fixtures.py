@@ -3,16 +3,18 @@
 Registered from ``tests/conftest.py`` (``pytest_plugins``).
 
 - ``oracle_check`` (autouse): at the end of every test, each proof that any local server in this
-  process received during the test (`dpop_signer.testing.servers.add_proof_listener`) is re-checked
+  process received during the test (whoever started it: the fixture sets the servers' proof hook,
+  `RecordingServer.on_proof`, on the class for the length of the test) is re-checked
   by the independent verifier ``tests/oracle.py`` (htm = method, url = URL as received, the
   access token sent with it, the nonce the server had issued, ``cnf.jkt`` of the token, the
   server's clock at receipt). Any failure fails the test. A proof the server refused for its
   ``iat`` (clock-skew tests) is checked on everything else, at its own ``iat``. A test that sends
   a bad proof on purpose says so with ``oracle_check.exempt(proof)`` or
   ``oracle_check.exempt_where(pred)``.
-- ``local_servers``: a fresh AS + RS (`start_local_servers` defaults) on free ports, stopped
-  after the test. Flip switches on ``.authorization_server`` / ``.resource_server``.
-- ``local_servers_factory``: ``make(**switches)`` -> started `LocalServers`, all stopped after.
+- ``local_servers``: a fresh AS + RS (`start_fault_servers` defaults, ``tests/fault_servers.py``:
+  the shipped servers plus fault switches) on free ports, stopped after the test. Flip switches
+  on ``.authorization_server`` / ``.resource_server``.
+- ``local_servers_factory``: ``make(**switches)`` -> started `FaultServers`, all stopped after.
 - ``HandKey``: proofs made by hand with ``cryptography`` (no dpop_signer code), for tests that
   must not trust our own builder.
 """
@@ -31,13 +33,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from dpop_signer.testing.servers import (
-    LocalServers,
-    SeenProof,
-    add_proof_listener,
-    start_local_servers,
-)
+from dpop_signer.testing.servers import RecordingServer, SeenProof
 from tests import oracle
+from tests.fault_servers import FaultServers, start_fault_servers
 
 
 def _b64(data: bytes) -> str:
@@ -173,9 +171,15 @@ class OracleCheck:
 def oracle_check() -> Iterator[OracleCheck]:
     """Fail the test if any proof a local server received fails the independent oracle."""
     check = OracleCheck()
-    remove = add_proof_listener(check.seen.append)
-    yield check
-    remove()
+
+    def on_proof(server: RecordingServer, seen: SeenProof) -> None:
+        check.seen.append(seen)  # list.append: safe from the server threads
+
+    # On the class, so it sees every local server in the process (the fixtures', a test's own,
+    # the demo's); a MonkeyPatch of its own takes it off again (and only it) before the check.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RecordingServer, "on_proof", on_proof)
+        yield check
     problems = check.failures()
     if problems:
         pytest.fail(
@@ -186,12 +190,12 @@ def oracle_check() -> Iterator[OracleCheck]:
 
 
 @pytest.fixture
-def local_servers_factory() -> Iterator[Callable[..., LocalServers]]:
-    """``make(**switches)``: start `start_local_servers(**switches)`; all stopped after."""
-    started: list[LocalServers] = []
+def local_servers_factory() -> Iterator[Callable[..., FaultServers]]:
+    """``make(**switches)``: start `start_fault_servers(**switches)`; all stopped after."""
+    started: list[FaultServers] = []
 
-    def make(**switches: Any) -> LocalServers:
-        servers = start_local_servers(**switches)
+    def make(**switches: Any) -> FaultServers:
+        servers = start_fault_servers(**switches)
         started.append(servers)
         return servers
 
@@ -201,7 +205,7 @@ def local_servers_factory() -> Iterator[Callable[..., LocalServers]]:
 
 
 @pytest.fixture
-def local_servers(local_servers_factory: Callable[..., LocalServers]) -> LocalServers:
+def local_servers(local_servers_factory: Callable[..., FaultServers]) -> FaultServers:
     """A fresh local AS + RS with default switches (flip them on the server objects)."""
     return local_servers_factory()
 

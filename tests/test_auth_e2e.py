@@ -31,9 +31,10 @@ from dpop_signer.signers.base import Signer
 from dpop_signer.testing.servers import LocalServers
 from tests import oracle
 from tests.fake_oauth import claims_of
+from tests.fault_servers import FaultServers
 from tests.servers_fixtures import OracleCheck
 
-Make = Callable[..., LocalServers]
+Make = Callable[..., FaultServers]
 TIMEOUT = httpx.Timeout(30.0)
 
 
@@ -115,7 +116,7 @@ def test_nonce_demands_that_cannot_be_met_end_in_an_error(
     for seen in server.seen:
         claims_nonce = seen.nonce
         assert claims_nonce is None or claims_nonce not in str(info.value)
-    assert server.nonces.repeat_nonce not in str(info.value)
+    assert server.repeat_nonce not in str(info.value)
 
 
 def test_invalid_token_twice_after_exactly_one_renewal(

@@ -30,8 +30,9 @@ from dpop_signer.testing.servers import LocalServers
 from tests import oracle
 from tests.client_drivers import DRIVERS, driver_for
 from tests.fake_oauth import claims_of
+from tests.fault_servers import FaultServers
 
-Make = Callable[..., LocalServers]
+Make = Callable[..., FaultServers]
 TIMEOUT = httpx.Timeout(30.0)
 
 

@@ -28,6 +28,7 @@ from starlette.routing import Route
 from dpop_signer.testing import ServerThread, start_local_servers
 from dpop_signer.testing.servers import LocalServers, NonceBook
 from tests import oracle
+from tests.fault_servers import FaultServers
 from tests.servers_fixtures import HandKey, OracleCheck
 
 GRANT = {"grant_type": "client_credentials"}
@@ -313,7 +314,7 @@ def test_nonce_book_rotates_on_a_clock_and_keeps_the_previous_nonce() -> None:
 
 @pytest.mark.parametrize("mode", ["error_500", "html"])
 def test_as_broken_modes(
-    local_servers: LocalServers, client: httpx.Client, key: HandKey, mode: str
+    local_servers: FaultServers, client: httpx.Client, key: HandKey, mode: str
 ) -> None:
     local_servers.authorization_server.mode = mode  # type: ignore[assignment]
     response = client.post(
@@ -330,7 +331,7 @@ def test_as_broken_modes(
     assert local_servers.authorization_server.issued_tokens == 0
 
 
-def test_as_bearer_mode(local_servers: LocalServers, client: httpx.Client, key: HandKey) -> None:
+def test_as_bearer_mode(local_servers: FaultServers, client: httpx.Client, key: HandKey) -> None:
     local_servers.authorization_server.mode = "bearer"
     response = client.post(
         local_servers.token_url,
@@ -342,7 +343,7 @@ def test_as_bearer_mode(local_servers: LocalServers, client: httpx.Client, key: 
 
 
 def test_as_nonce_always_and_nonce_repeat(
-    local_servers: LocalServers, client: httpx.Client, key: HandKey
+    local_servers: FaultServers, client: httpx.Client, key: HandKey
 ) -> None:
     as_ = local_servers.authorization_server
     url = local_servers.token_url
@@ -366,7 +367,7 @@ def test_as_nonce_always_and_nonce_repeat(
     assert as_.issued_tokens == 0
 
 
-def test_as_slow_mode_delays_the_answer(local_servers: LocalServers, key: HandKey) -> None:
+def test_as_slow_mode_delays_the_answer(local_servers: FaultServers, key: HandKey) -> None:
     local_servers.authorization_server.mode = "slow"
     local_servers.authorization_server.slow_seconds = 1.0
     with httpx.Client(timeout=0.2) as impatient, pytest.raises(httpx.ReadTimeout):
@@ -622,7 +623,7 @@ def test_rs_nonce_demand_and_retry(
     assert local_servers.authorization_server.nonces.was_issued(nonce) is False
 
 
-def test_rs_failure_modes(local_servers: LocalServers, client: httpx.Client, key: HandKey) -> None:
+def test_rs_failure_modes(local_servers: FaultServers, client: httpx.Client, key: HandKey) -> None:
     token = get_token(client, local_servers, key)
     rs = local_servers.resource_server
     url = local_servers.api_url + "/x"
@@ -646,7 +647,7 @@ def test_rs_failure_modes(local_servers: LocalServers, client: httpx.Client, key
     assert call(client, key, token, url).status_code == 200
 
 
-def test_rs_slow_mode(local_servers: LocalServers, client: httpx.Client, key: HandKey) -> None:
+def test_rs_slow_mode(local_servers: FaultServers, client: httpx.Client, key: HandKey) -> None:
     token = get_token(client, local_servers, key)
     local_servers.resource_server.mode = "slow"
     local_servers.resource_server.slow_seconds = 1.0

@@ -30,6 +30,7 @@ from dpop_signer import DPoPAuth, load_signer
 from dpop_signer.errors import OAuthError
 from dpop_signer.stores import open_store
 from dpop_signer.testing.servers import LocalServers, start_local_servers
+from tests.fault_servers import start_fault_servers
 from tests.redis_fixtures import RedisServer, start_redis
 
 SPAWN_TIMEOUT = 60.0
@@ -258,7 +259,7 @@ def test_killed_lease_holder_delays_the_others_at_most_the_lease_time(
     timeout = 2.0
     lease_ttl = max(10.0, 2 * timeout + 5)  # DPoPAuth's lease for a 2 s client timeout
     one_fetch = 3.0  # a token request to the local AS, spawn-time noise included
-    with start_local_servers(token_lifetime=60.0) as servers:
+    with start_fault_servers(token_lifetime=60.0) as servers:
         authorization_server = servers.authorization_server
         spec = _spec(servers, pem_key_path, store, timeout=timeout)
         holder_start, others_start = CTX.Event(), CTX.Event()
@@ -401,7 +402,7 @@ def test_a_rejected_token_is_not_taken_back_from_the_store(
     tmp_path: Path, pem_key_path: str
 ) -> None:
     store = f"sqlite:{tmp_path / 'tokens.db'}"
-    with start_local_servers() as servers:
+    with start_fault_servers() as servers:
         first, second = (_auth(_spec(servers, pem_key_path, store)) for _ in range(2))
         with httpx.Client(timeout=10.0) as client:
             token = first.get_token(client)

@@ -850,3 +850,17 @@ def test_several_sessions_are_refused_for_a_module_without_locking(pkcs11_key_ur
     assert "p11-kit-proxy.so" in str(info.value)
     with pytest.raises(ConfigError, match="sessions=0 is not a whole number"):
         open_pkcs11_signer(pkcs11_key_uri + "&sessions=0")
+
+
+def test_several_sessions_are_refused_when_the_module_is_also_loaded_directly(
+    softhsm: SoftHsmToken, signer: Pkcs11Signer
+) -> None:
+    # This process loads SoftHSM2 directly (the fixture's signer), without locking; through
+    # p11-kit-proxy the same library would then be called from two sessions at once.
+    require(
+        P11KIT_PROXY is not None, "p11-kit-proxy.so is missing (Debian: apt-get install p11-kit)"
+    )
+    uri = f"pkcs11:token={softhsm.label};object=x?module-path={P11KIT_PROXY}&sessions=2"
+    with pytest.raises(ConfigError, match="not safe in this process") as info:
+        open_pkcs11_signer(uri, pin=softhsm.pin)
+    assert "libsofthsm2.so" in str(info.value)

@@ -1,8 +1,9 @@
 """Issue 11 item 1: a stalled or unavailable token endpoint, with and without a cached token.
 
-The token endpoint is the local authorization server with its ``stall_until`` switch (every
-token request waits until then, then is answered) or ``unavailable_retry_after`` (503 with a
-``Retry-After``). Required, and measured here with real sockets and a real ``dpop serve``:
+The token endpoint is the local authorization server with the fault switches of
+``tests/fault_servers.py``: ``stall_until`` (every token request waits until then, then is
+answered) or ``unavailable_retry_after`` (503 with a ``Retry-After``). Required, and measured
+here with real sockets and a real ``dpop serve``:
 
 - a failed fetch is shared with every caller that waited for it (no caller tries in turn);
 - afterwards the token endpoint is asked again only after a backoff (exponential, jittered,
@@ -39,9 +40,10 @@ from dpop_signer.errors import (
 from dpop_signer.signers.base import Signer
 from dpop_signer.testing.servers import LocalServers
 from tests.conftest import SoftHsmToken
+from tests.fault_servers import FaultServers
 from tests.service_support import ServiceProcess, start_service, write_api_key
 
-Make = Callable[..., LocalServers]
+Make = Callable[..., FaultServers]
 
 TIMEOUT = 1.0
 """The library tests' client timeout: a stalled token request fails after this long."""
@@ -248,7 +250,7 @@ def test_a_refusal_is_shared_with_waiters_but_not_backed_off(
 # -- a valid token cached: renewal fails, callers carry on -------------------------------------
 
 
-def _due_for_renewal(local_servers_factory: Make, signer: Signer) -> tuple[LocalServers, Clock]:
+def _due_for_renewal(local_servers_factory: Make, signer: Signer) -> tuple[FaultServers, Clock]:
     # 60 s tokens renew after 30 s (half the lifetime); the test moves the clock (ours and
     # the servers') 31 s on instead of waiting.
     servers = local_servers_factory(token_lifetime=60)

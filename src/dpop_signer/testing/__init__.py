@@ -1,7 +1,8 @@
-"""Test and demo support shipped with the package: local DPoP servers on 127.0.0.1.
+"""Demo and test support shipped with the package: well-behaved local DPoP servers on 127.0.0.1.
 
-Not needed in production. `start_local_servers` starts an authorization server and a resource
-server (see `dpop_signer.testing.servers`); `ServerThread` runs any ASGI app on a loopback port.
+Not needed in production. For ``dpop demo`` and users' own tests: `start_local_servers` starts
+an authorization server and a resource server (see `dpop_signer.testing.servers`, whose hooks
+let a subclass watch proofs or misbehave); `ServerThread` runs any ASGI app on a loopback port.
 """
 
 from __future__ import annotations

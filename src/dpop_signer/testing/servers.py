@@ -1,18 +1,23 @@
-"""Local DPoP authorization and resource servers for tests, ``dpop demo`` and the service tests.
+"""Local DPoP authorization and resource servers for ``dpop demo`` and for users' own tests.
 
 `LocalAuthorizationServer` issues DPoP-bound JWT access tokens (``cnf.jkt``, RFC 9449 §6.1) for
 the client_credentials grant; `LocalResourceServer` serves ``/api/...`` and verifies the token and
 the proof on every request (RFC 9449 §7). Both verify proofs with `dpop_signer.verify`, can
-demand nonces (§8, §9), misbehave on purpose (switches, flippable while running), and record
-every proof they receive so a test can run an independent verifier over all of them.
+demand nonces (§8, §9), and record every proof they receive so a test can run an independent
+verifier over all of them. They are well-behaved servers: their switches (``require_nonce``,
+``token_lifetime``, ``clock_skew``, ``nonce_rotation``, ``audience``, ``assertion_audience``)
+are all conformant behaviours.
 
-Start both with `start_local_servers`; it is the one helper every test, the demo and the
-service tests use, so its API is kept stable. Loopback only, quiet logs.
+Public API (kept stable): `start_local_servers`, `LocalServers`, `LocalAuthorizationServer`,
+`LocalResourceServer`, `SeenProof`, `DEMO_CLIENT_ID`, `DEMO_CLIENT_SECRET`. For servers that
+misbehave on purpose, subclass the servers and override their hooks (`RecordingServer.on_request`,
+`RecordingServer.refusal`, `RecordingServer.on_proof`, `LocalAuthorizationServer.token_type`)
+and start them with `LocalServers.start`; this repository's fault modes are built that way, in
+``tests/fault_servers.py``. Loopback only, quiet logs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -24,16 +29,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import parse_qsl, unquote_plus
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import (
-    HTMLResponse,
     JSONResponse,
-    PlainTextResponse,
     Response,
     StreamingResponse,
 )
@@ -48,7 +51,6 @@ from dpop_signer.verify import (
     INVALID_CLIENT,
     INVALID_DPOP_PROOF,
     INVALID_TOKEN,
-    USE_DPOP_NONCE,
     JtiReplayCache,
     access_token_claims_unverified,
     issue_access_token,
@@ -60,32 +62,21 @@ from dpop_signer.verify import (
 __all__ = [
     "DEMO_CLIENT_ID",
     "DEMO_CLIENT_SECRET",
-    "AsMode",
     "ClientRegistration",
     "LocalAuthorizationServer",
     "LocalResourceServer",
     "LocalServers",
     "NonceBook",
     "RecordingServer",
-    "RsMode",
+    "Refusal",
     "SeenProof",
     "ServerThread",
-    "add_proof_listener",
     "received_url",
     "start_local_servers",
 ]
 
 DEMO_CLIENT_ID = "demo-client"
 DEMO_CLIENT_SECRET = "demo-secret"
-
-AsMode = Literal["ok", "error_500", "html", "bearer", "nonce_always", "nonce_repeat", "slow"]
-"""Authorization server behaviour: ``ok``; ``error_500`` (500 text); ``html`` (200 HTML page);
-``bearer`` (a valid token with ``token_type`` Bearer); ``nonce_always`` (every request is a
-``use_dpop_nonce`` demand with a new nonce); ``nonce_repeat`` (every request is a demand with the
-same nonce); ``slow`` (sleep ``slow_seconds`` first)."""
-
-RsMode = Literal["ok", "error_500", "invalid_token_always", "nonce_always", "nonce_repeat", "slow"]
-"""Resource server behaviour: as `AsMode`, plus ``invalid_token_always`` (401 invalid_token)."""
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _MAX_FORM_BYTES = 64 * 1024
@@ -142,8 +133,6 @@ class NonceBook:
         self._previous: str | None = None
         self._current = self._new()
         self._rotated_at = clock()
-        self.repeat_nonce = self._new()
-        """The one nonce ``nonce_repeat`` mode demands over and over."""
 
     def _new(self) -> str:
         nonce = secrets.token_urlsafe(16)  # base64url: always 1*NQCHAR
@@ -184,31 +173,27 @@ class NonceBook:
             return isinstance(nonce, str) and nonce in self._issued_set
 
 
-ProofListener = Callable[["SeenProof"], None]
-_LISTENERS: list[ProofListener] = []
-_LISTENERS_LOCK = threading.Lock()
+@dataclass(frozen=True)
+class Refusal:
+    """What `RecordingServer.refusal` answers a well-formed request with, instead of serving it.
 
-
-def add_proof_listener(listener: ProofListener) -> Callable[[], None]:
-    """Call ``listener(seen)`` for every proof any local server in this process receives.
-
-    This is how the test suite re-checks every proof with an independent verifier, whoever
-    started the servers. The listener runs on the server thread and must be quick. Returns a
-    function that removes it.
+    ``error`` is the OAuth error code (e.g. ``use_dpop_nonce``, ``invalid_token``), ``description``
+    its ``error_description``; ``nonce``, if set, is sent as ``DPoP-Nonce`` (RFC 9449 §8, §9).
+    The server renders it as its endpoint does: 400 JSON at the token endpoint, 401 with a
+    ``WWW-Authenticate: DPoP`` challenge at the API.
     """
-    with _LISTENERS_LOCK:
-        _LISTENERS.append(listener)
 
-    def remove() -> None:
-        with _LISTENERS_LOCK:
-            if listener in _LISTENERS:
-                _LISTENERS.remove(listener)
-
-    return remove
+    error: str
+    description: str
+    nonce: str | None = None
 
 
 class RecordingServer:
-    """Shared state of both servers: the record of proofs, counters, clock, nonces."""
+    """Shared state of both servers: the record of proofs, counters, clock, nonces; the hooks.
+
+    The hooks (`on_request`, `refusal`, `on_proof`) do nothing here; a subclass overrides them
+    to watch the proofs or to make the server misbehave on purpose (``tests/fault_servers.py``).
+    """
 
     kind = "server"
 
@@ -218,7 +203,6 @@ class RecordingServer:
         require_nonce: bool,
         clock_skew: float,
         nonce_rotation: float | None,
-        slow_seconds: float,
         max_age: float,
         max_future: float,
     ) -> None:
@@ -226,8 +210,6 @@ class RecordingServer:
         """Demand a nonce in every proof (switchable at runtime)."""
         self.clock_skew = clock_skew
         """Seconds this server's clock is ahead of the real one (its Date header and checks)."""
-        self.slow_seconds = slow_seconds
-        """How long ``slow`` mode sleeps before answering."""
         self.max_age = max_age
         self.max_future = max_future
         self.nonces = NonceBook(rotation=nonce_rotation, clock=self.now)
@@ -240,6 +222,31 @@ class RecordingServer:
     def now(self) -> float:
         """This server's clock: real time plus `clock_skew`."""
         return time.time() + self.clock_skew
+
+    async def on_request(self, request: Request) -> Response | None:
+        """Hook, called first for every token or API request: a response to send instead.
+
+        ``None`` (the default) serves the request. Runs on the server's event loop, so it may
+        ``await`` (a slow or stalled server); the request is still recorded and counted.
+        """
+        return None
+
+    def refusal(self) -> Refusal | None:
+        """Hook: refuse a well-formed request just before its proof is verified.
+
+        Called once the request is otherwise acceptable (token endpoint: client authenticated,
+        grant type supported, one ``DPoP`` header; API: a ``DPoP`` token and one ``DPoP``
+        header). ``None`` (the default) goes on to verify it.
+        """
+        return None
+
+    def on_proof(self, seen: SeenProof) -> None:
+        """Hook, called with every proof this server records, on the server thread; quick.
+
+        Does nothing by default. A subclass may override it; this repository's test suite sets
+        it on the class for the length of each test to re-check every proof any local server
+        received with an independent verifier.
+        """
 
     @property
     def seen(self) -> list[SeenProof]:
@@ -277,11 +284,8 @@ class RecordingServer:
             records.append(SeenProof(proof=proof, nonce=nonce, **fields))
         with self._lock:
             self._seen.extend(records)
-        with _LISTENERS_LOCK:
-            listeners = list(_LISTENERS)
         for record in records:
-            for listener in listeners:
-                listener(record)
+            self.on_proof(record)
 
     def _nonce_headers(self, nonce: str | None = None) -> dict[str, str]:
         if nonce is not None:
@@ -353,8 +357,8 @@ class LocalAuthorizationServer(RecordingServer):
     registered with neither. Every token request needs a valid DPoP proof; the token is an ES256
     JWT (RFC 9068) signed by an in-memory key, bound to the proof key by ``cnf.jkt``, with ``aud``
     = ``resource`` or ``audience`` if given, else the issuer. Attributes that are switches
-    (``mode``, ``require_nonce``, ``token_lifetime``, ``clock_skew``, ``slow_seconds``,
-    ``stall_until``, ``unavailable_retry_after``) may be changed while it runs.
+    (``require_nonce``, ``token_lifetime``, ``clock_skew``, ``assertion_audience``) may be
+    changed while it runs.
     """
 
     kind = "authorization server"
@@ -365,15 +369,11 @@ class LocalAuthorizationServer(RecordingServer):
         clients: Mapping[str, str | None] | None = None,
         require_nonce: bool = False,
         token_lifetime: float = 3600.0,
-        mode: AsMode = "ok",
-        slow_seconds: float = 2.0,
         clock_skew: float = 0.0,
         nonce_rotation: float | None = 60.0,
         issuer: str | None = None,
         max_age: float = 300.0,
         max_future: float = 60.0,
-        stall_until: float | None = None,
-        unavailable_retry_after: str | None = None,
         assertion_audience: Literal["issuer", "issuer_or_token_endpoint"] = (
             "issuer_or_token_endpoint"
         ),
@@ -385,18 +385,12 @@ class LocalAuthorizationServer(RecordingServer):
                 ``demo-client`` / ``demo-secret``. Use `register_client` for ``private_key_jwt``.
             require_nonce: Demand a DPoP nonce (400 ``use_dpop_nonce``).
             token_lifetime: Seconds until issued tokens expire (``expires_in``).
-            mode: See `AsMode`.
-            slow_seconds: Delay for ``slow`` mode.
             clock_skew: Seconds this server's clock is ahead (Date header and proof checks).
             nonce_rotation: Seconds between nonce rotations (``None``: only on `rotate_nonce`).
             issuer: Issuer URL; default the URL the server is reached at, set by
                 `start_local_servers`.
             max_age: How old a proof's ``iat`` may be.
             max_future: How far ahead a proof's ``iat`` may be.
-            stall_until: A stalled token endpoint: until this ``time.time()`` every token
-                request waits (at most 60 s), then is answered as usual.
-            unavailable_retry_after: When set, every token request is answered ``503`` with
-                this ``Retry-After`` header value.
             assertion_audience: The ``aud`` a ``private_key_jwt`` assertion may have: ``issuer``
                 only, as draft-ietf-oauth-rfc7523bis demands of servers, or also the token
                 endpoint URL (the default, RFC 7523 §3 as first published). Always one string.
@@ -405,16 +399,10 @@ class LocalAuthorizationServer(RecordingServer):
             require_nonce=require_nonce,
             clock_skew=clock_skew,
             nonce_rotation=nonce_rotation,
-            slow_seconds=slow_seconds,
             max_age=max_age,
             max_future=max_future,
         )
         self.token_lifetime = token_lifetime
-        self.mode: AsMode = mode
-        self.stall_until = stall_until
-        """Token requests wait until this ``time.time()`` (switchable at runtime)."""
-        self.unavailable_retry_after = unavailable_retry_after
-        """Token requests get 503 with this ``Retry-After`` (switchable at runtime)."""
         self.assertion_audience = assertion_audience
         """Which assertion ``aud`` values are accepted (switchable at runtime)."""
         self.issuer = issuer
@@ -466,6 +454,10 @@ class LocalAuthorizationServer(RecordingServer):
     def rotate_nonce(self) -> str:
         """Start handing out a new nonce (the previous one stays valid)."""
         return self.nonces.rotate()
+
+    def token_type(self) -> str:
+        """Hook: the ``token_type`` of a token response; ``DPoP`` (RFC 9449 §5)."""
+        return "DPoP"
 
     def _issuer_for(self, request: Request) -> str:
         if self.issuer is not None:
@@ -525,26 +517,9 @@ class LocalAuthorizationServer(RecordingServer):
     async def _token_response(
         self, request: Request, url: str, proofs: list[str], now: float
     ) -> Response:
-        mode = self.mode
-        stall_until = self.stall_until
-        if stall_until is not None and stall_until > time.time():
-            # Read first (Starlette keeps it): a client that gave up must not turn the late
-            # read into a ClientDisconnect traceback.
-            await request.body()
-            await asyncio.sleep(min(stall_until - time.time(), 60.0))
-        if self.unavailable_retry_after is not None:
-            return PlainTextResponse(
-                "Service Unavailable",
-                status_code=503,
-                headers={"Retry-After": self.unavailable_retry_after},
-            )
-        if mode == "slow":
-            await asyncio.sleep(self.slow_seconds)
-        elif mode == "error_500":
-            return PlainTextResponse("Internal Server Error", status_code=500)
-        elif mode == "html":
-            return HTMLResponse("<!doctype html><html><body><h1>Sign in</h1></body></html>")
-
+        early = await self.on_request(request)
+        if early is not None:
+            return early
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != (
             "application/x-www-form-urlencoded"
         ):
@@ -578,18 +553,10 @@ class LocalAuthorizationServer(RecordingServer):
                 else "a DPoP proof is required at this token endpoint",
                 self._nonce_headers(),
             )
-        if mode == "nonce_always":
-            fresh = self.nonces.rotate()
-            return _oauth_error(
-                400, USE_DPOP_NONCE, "authorization server requires nonce", {"DPoP-Nonce": fresh}
-            )
-        if mode == "nonce_repeat":
-            return _oauth_error(
-                400,
-                USE_DPOP_NONCE,
-                "authorization server requires nonce",
-                {"DPoP-Nonce": self.nonces.repeat_nonce},
-            )
+        refusal = self.refusal()
+        if refusal is not None:
+            headers = {"DPoP-Nonce": refusal.nonce} if refusal.nonce else self._nonce_headers()
+            return _oauth_error(400, refusal.error, refusal.description, headers)
         try:
             proof = verify_proof_details(
                 proofs[0],
@@ -631,7 +598,7 @@ class LocalAuthorizationServer(RecordingServer):
         lifetime = self.token_lifetime
         payload: dict[str, Any] = {
             "access_token": token,
-            "token_type": "Bearer" if mode == "bearer" else "DPoP",
+            "token_type": self.token_type(),
             "expires_in": int(lifetime) if float(lifetime).is_integer() else lifetime,
         }
         if scope:
@@ -734,7 +701,7 @@ class LocalResourceServer(RecordingServer):
     ``WWW-Authenticate: DPoP error="invalid_token" | "invalid_dpop_proof" | "use_dpop_nonce"``
     (RFC 9449 §7.1, §9) and ``algs="ES256"``. Bodies are read as a stream (large bodies are
     fine). ``GET /.well-known/oauth-protected-resource`` gives RFC 9728 metadata. Switches
-    (``mode``, ``require_nonce``, ``clock_skew``, ``slow_seconds``) may be changed while it runs.
+    (``require_nonce``, ``clock_skew``, ``audience``) may be changed while it runs.
     """
 
     kind = "resource server"
@@ -744,8 +711,6 @@ class LocalResourceServer(RecordingServer):
         authorization_server: LocalAuthorizationServer,
         *,
         require_nonce: bool = False,
-        mode: RsMode = "ok",
-        slow_seconds: float = 2.0,
         clock_skew: float = 0.0,
         nonce_rotation: float | None = 60.0,
         audience: str | None = None,
@@ -757,8 +722,6 @@ class LocalResourceServer(RecordingServer):
         Args:
             authorization_server: Whose tokens to accept (its key and `issuer`).
             require_nonce: Demand a DPoP nonce (401 ``use_dpop_nonce``).
-            mode: See `RsMode`.
-            slow_seconds: Delay for ``slow`` mode.
             clock_skew: Seconds this server's clock is ahead (Date header and checks).
             nonce_rotation: Seconds between nonce rotations (``None``: only on `rotate_nonce`).
             audience: If set, tokens must carry it in ``aud``.
@@ -769,12 +732,10 @@ class LocalResourceServer(RecordingServer):
             require_nonce=require_nonce,
             clock_skew=clock_skew,
             nonce_rotation=nonce_rotation,
-            slow_seconds=slow_seconds,
             max_age=max_age,
             max_future=max_future,
         )
         self.authorization_server = authorization_server
-        self.mode: RsMode = mode
         self.audience = audience
         methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
         self.app: ASGIApp = self._wrap(
@@ -862,28 +823,19 @@ class LocalResourceServer(RecordingServer):
     async def _api_response(
         self, request: Request, url: str, proofs: list[str], scheme: str, token: str, now: float
     ) -> Response:
-        mode = self.mode
-        if mode == "slow":
-            await asyncio.sleep(self.slow_seconds)
-        elif mode == "error_500":
-            return PlainTextResponse("Internal Server Error", status_code=500)
+        early = await self.on_request(request)
+        if early is not None:
+            return early
         if not scheme:
             return self._challenge(None, "DPoP-bound access token required")
         if scheme.lower() != "dpop" or not token:
             # §7.2: a DPoP-bound token must not be accepted as a Bearer token (downgrade).
             return self._challenge(INVALID_TOKEN, "use the DPoP authorization scheme")
-        if mode == "invalid_token_always":
-            return self._challenge(INVALID_TOKEN, "access token rejected (invalid_token_always)")
         if len(proofs) != 1:
             return self._challenge(INVALID_DPOP_PROOF, "send exactly one DPoP header")
-        if mode == "nonce_always":
-            return self._challenge(
-                USE_DPOP_NONCE, "resource server requires nonce", self.nonces.rotate()
-            )
-        if mode == "nonce_repeat":
-            return self._challenge(
-                USE_DPOP_NONCE, "resource server requires nonce", self.nonces.repeat_nonce
-            )
+        refusal = self.refusal()
+        if refusal is not None:
+            return self._challenge(refusal.error, refusal.description, refusal.nonce)
         issuer_server = self.authorization_server
         try:
             claims = verify_access_token(
@@ -992,6 +944,40 @@ class LocalServers:
     client_id: str = DEMO_CLIENT_ID
     client_secret: str | None = field(default=DEMO_CLIENT_SECRET, repr=False)
 
+    @classmethod
+    def start(
+        cls,
+        authorization_server: LocalAuthorizationServer,
+        resource_server: LocalResourceServer,
+        *,
+        client_id: str = DEMO_CLIENT_ID,
+        client_secret: str | None = DEMO_CLIENT_SECRET,
+    ) -> Self:
+        """Serve two server objects on 127.0.0.1 free ports, the AS's issuer set to its URL.
+
+        `start_local_servers` uses it; so can a test that built (subclasses of) the servers
+        itself. ``client_id``/``client_secret`` are only reported back (register the client on
+        the AS). Raises ``RuntimeError`` if a server did not start.
+        """
+        as_thread = ServerThread(authorization_server.app, name="local-as", date_header=False)
+        rs_thread = ServerThread(resource_server.app, name="local-rs", date_header=False)
+        authorization_server.issuer = as_thread.url
+        try:
+            as_thread.start()
+            rs_thread.start()
+        except BaseException:
+            rs_thread.stop()
+            as_thread.stop()
+            raise
+        return cls(
+            authorization_server,
+            resource_server,
+            as_thread,
+            rs_thread,
+            client_id=client_id,
+            client_secret=client_secret,
+        )
+
     @property
     def as_url(self) -> str:
         """The authorization server's base URL (its issuer), e.g. ``http://127.0.0.1:40123``."""
@@ -1028,7 +1014,7 @@ class LocalServers:
         self.rs_thread.stop()
         self.as_thread.stop()
 
-    def __enter__(self) -> LocalServers:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -1046,9 +1032,6 @@ def start_local_servers(
     as_require_nonce: bool | None = None,
     rs_require_nonce: bool | None = None,
     token_lifetime: float = 3600.0,
-    as_mode: AsMode = "ok",
-    rs_mode: RsMode = "ok",
-    slow_seconds: float = 2.0,
     clock_skew: float = 0.0,
     nonce_rotation: float | None = 60.0,
     client_id: str = DEMO_CLIENT_ID,
@@ -1058,7 +1041,7 @@ def start_local_servers(
 ) -> LocalServers:
     """Start a local DPoP authorization server and resource server on 127.0.0.1 free ports.
 
-    The one helper tests, ``dpop demo`` and the service tests use::
+    The one helper ``dpop demo`` and users' tests use::
 
         servers = start_local_servers(require_nonce=True, token_lifetime=3)
         try:
@@ -1076,12 +1059,9 @@ def start_local_servers(
 
     Switches, also attributes of the server objects that a test may flip while they run:
     ``require_nonce`` (``.require_nonce`` on each; ``as_require_nonce``/``rs_require_nonce``
-    set one side only), ``token_lifetime`` (seconds; AS ``.token_lifetime``), ``as_mode``
-    (AS ``.mode``: ``ok``, ``error_500``, ``html``, ``bearer``, ``nonce_always``,
-    ``nonce_repeat``, ``slow``), ``rs_mode`` (RS ``.mode``: ``ok``, ``error_500``,
-    ``invalid_token_always``, ``nonce_always``, ``nonce_repeat``, ``slow``), ``slow_seconds``,
-    ``clock_skew`` (seconds both servers' clocks, and so their ``Date`` headers, are ahead),
-    ``nonce_rotation`` (seconds; ``None``: rotate only on ``.rotate_nonce()``).
+    set one side only), ``token_lifetime`` (seconds; AS ``.token_lifetime``), ``clock_skew``
+    (seconds both servers' clocks, and so their ``Date`` headers, are ahead), ``nonce_rotation``
+    (seconds; ``None``: rotate only on ``.rotate_nonce()``), AS ``.assertion_audience``.
 
     Clients: by default ``demo-client`` / ``demo-secret`` (basic or post). Pass
     ``client_secret=None, client_jwk=<public JWK>`` for a ``private_key_jwt`` client, or
@@ -1093,8 +1073,8 @@ def start_local_servers(
     proof, access_token, nonce the server expected, jkt of the token, received_at, status,
     error, detail) for every ``DPoP`` header received; counters ``.token_requests`` (AS),
     ``.api_requests`` (RS), ``.statuses`` (a Counter by HTTP status), AS ``.issued_tokens`` and
-    ``.last_token_request``; ``.clear()`` forgets them. `add_proof_listener` sees the proofs of
-    every server in the process (the test suite's oracle uses it).
+    ``.last_token_request``; ``.clear()`` forgets them. To watch proofs as they arrive, or to
+    make a server misbehave, subclass the servers (see their hooks) and use `LocalServers.start`.
 
     Raises:
         RuntimeError: a server did not start.
@@ -1103,8 +1083,6 @@ def start_local_servers(
         clients={},
         require_nonce=require_nonce if as_require_nonce is None else as_require_nonce,
         token_lifetime=token_lifetime,
-        mode=as_mode,
-        slow_seconds=slow_seconds,
         clock_skew=clock_skew,
         nonce_rotation=nonce_rotation,
     )
@@ -1112,27 +1090,10 @@ def start_local_servers(
     resource_server = LocalResourceServer(
         authorization_server,
         require_nonce=require_nonce if rs_require_nonce is None else rs_require_nonce,
-        mode=rs_mode,
-        slow_seconds=slow_seconds,
         clock_skew=clock_skew,
         nonce_rotation=nonce_rotation,
         audience=audience,
     )
-    as_thread = ServerThread(authorization_server.app, name="local-as", date_header=False)
-    rs_thread = ServerThread(resource_server.app, name="local-rs", date_header=False)
-    authorization_server.issuer = as_thread.url
-    try:
-        as_thread.start()
-        rs_thread.start()
-    except BaseException:
-        rs_thread.stop()
-        as_thread.stop()
-        raise
-    return LocalServers(
-        authorization_server,
-        resource_server,
-        as_thread,
-        rs_thread,
-        client_id=client_id,
-        client_secret=client_secret,
+    return LocalServers.start(
+        authorization_server, resource_server, client_id=client_id, client_secret=client_secret
     )

@@ -109,3 +109,31 @@ def test_a_closed_loop_does_not_stop_the_worker() -> None:
 
 async def _submit(worker: SigningWorker, gate: threading.Event) -> None:
     worker.run(gate.wait, 5)
+
+
+def test_deadlines_fail_only_the_futures_still_waiting_when_due() -> None:
+    from dpop_signer.signers.worker import Deadlines
+
+    class Late(Exception):
+        pass
+
+    async def main() -> tuple[list[str], float]:
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines(loop, 0.2)
+        answered, waiting = loop.create_future(), loop.create_future()
+        started = loop.time()
+        deadlines.add(answered, Late)
+        deadlines.add(waiting, Late)
+        answered.set_result(b"sig")  # answered in time: never failed
+        outcomes = []
+        for future in (answered, waiting):
+            try:
+                await asyncio.wait_for(future, 5.0)
+                outcomes.append("answered")
+            except Late:
+                outcomes.append("late")
+        return outcomes, loop.time() - started
+
+    outcomes, took = asyncio.run(main())
+    assert outcomes == ["answered", "late"]
+    assert 0.2 <= took < 1.0

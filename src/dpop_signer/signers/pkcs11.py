@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import os
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 
@@ -73,6 +74,7 @@ from dpop_signer.signers.pkcs11_uri import (
     parse_pkcs11_uri,
     resolve_module,
 )
+from dpop_signer.signers.worker import Deadlines
 
 __all__ = [
     "DEFAULT_SIGN_TIMEOUT",
@@ -160,6 +162,10 @@ class Pkcs11Signer:
         self._missing: SignerError | None = None  # the key's last lookup failed with this
         self._missing_until = 0.0
         self._missing_wait = _MISSING_FIRST
+        # Per event loop: the deadlines of this signer's signatures in the module's worker.
+        self._deadlines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = (
+            weakref.WeakKeyDictionary()
+        )
         self._pool: SessionPool | None = None  # sessions=N > 1: sessions that sign at once
         self._pool_threads: ThreadPoolExecutor | None = None
 
@@ -295,18 +301,16 @@ class Pkcs11Signer:
         future: asyncio.Future[bytes] = module.worker.run(
             module.call_within, timeout, self._source, self._sign_digest, digest
         )
-        expiry = asyncio.get_running_loop().call_later(timeout, self._expire, future)
-        try:
-            return await future
-        finally:
-            expiry.cancel()
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines.get(loop)
+        if deadlines is None:
+            deadlines = self._deadlines[loop] = Deadlines(loop, timeout)
+        deadlines.add(future, self._timed_out)
+        return await future
 
-    def _expire(self, future: asyncio.Future[bytes]) -> None:
-        if not future.done():
-            stuck = self._module.stalled_for(0.0)
-            future.set_exception(
-                self._module.timeout_error(self._source, self._timeout or 0, stuck)
-            )
+    def _timed_out(self) -> SignerTimeoutError:
+        stuck = self._module.stalled_for(0.0)
+        return self._module.timeout_error(self._source, self._timeout or 0, stuck)
 
     def sign_digest(self, digest: bytes) -> bytes:
         """Sign a digest computed by the caller (ES256: SHA-256, 32 bytes; 64 bytes r||s back).

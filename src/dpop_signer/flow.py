@@ -1157,3 +1157,80 @@ def _with_retry_after(error: OAuthError, response: httpx.Response) -> OAuthError
     if seconds is not None:
         error.retry_after = seconds
     return error
+
+
+class FlowClient:
+    """What every DPoP client driver shows of its `DPoPFlow`: one facade for all three.
+
+    `dpop_signer.DPoPAuth` (httpx), `dpop_signer.requests.DPoPRequestsAuth` and
+    `dpop_signer.aiohttp.DPoPMiddleware` inherit it; each sets ``_flow`` and adds only what its
+    HTTP client needs.
+    """
+
+    _flow: DPoPFlow
+
+    @property
+    def flow(self) -> DPoPFlow:
+        """The client-independent protocol state (shared with no other client)."""
+        return self._flow
+
+    @property
+    def proofs(self) -> DPoPProofBuilder:
+        """The current key's proof builder (its ``clock_offset`` follows ``Date`` headers)."""
+        return self._flow.proofs
+
+    @property
+    def nonces(self) -> NonceCache:
+        """The per-origin nonce cache."""
+        return self._flow.nonces
+
+    @property
+    def jkt(self) -> str:
+        """RFC 7638 thumbprint of the DPoP key: what tokens are bound to (``cnf.jkt``)."""
+        return self._flow.proofs.jkt
+
+    @property
+    def token_source(self) -> ClientCredentialsTokenSource:
+        """Builds token requests and parses token responses."""
+        return self._flow.source
+
+    @property
+    def token(self) -> AccessToken | None:
+        """The cached token, fresh or not (None before the first fetch and after `rotate`)."""
+        entry = self._flow.cache.entry
+        return None if entry is None else entry.token
+
+    @property
+    def token_requests(self) -> int:
+        """How many token requests this client has sent (retries included)."""
+        return self._flow.token_requests
+
+    @property
+    def clock_skew(self) -> float | None:
+        """Last measured server clock minus local clock, in seconds (None before a ``Date``)."""
+        return self._flow.skew
+
+    @property
+    def token_store(self) -> str:
+        """Where tokens are shared: ``memory``, or the store's URL with credentials masked."""
+        return self._flow.store.url if self._flow.shared else "memory"
+
+    def invalidate(self) -> None:
+        """Forget the cached token; the next request fetches a new one."""
+        self._flow.invalidate()
+
+    def close(self) -> None:
+        """Close the token store opened from a ``token_store`` URL (a store object is not)."""
+        self._flow.close()
+
+    def rotate(self, new_signer: Signer) -> str:
+        """Make ``new_signer`` the DPoP key from now on; returns its thumbprint (`jkt`).
+
+        Thread- and task-safe, while requests run. The cached token is dropped (it is bound to
+        the old key, ``cnf.jkt``) and the next request fetches one for the new key. A request
+        that already holds a token finishes with the old key; one that needs a token (first,
+        or renewed after ``invalid_token``) gets the new key's token and signs with the new
+        key. A proof is never sent with a token bound to another key. The old signer is not
+        closed: close it once the requests that started before the rotation are done.
+        """
+        return self._flow.rotate(new_signer)

@@ -44,13 +44,12 @@ from dpop_signer.flow import (
     DPoPFlow,
     DPoPOptions,
     Exchange,
+    FlowClient,
     SendApi,
     SendToken,
     drive_sync,
     token_response,
 )
-from dpop_signer.nonces import NonceCache
-from dpop_signer.proof import DPoPProofBuilder
 from dpop_signer.signers.base import Signer
 from dpop_signer.tokens import AccessToken
 
@@ -59,7 +58,7 @@ __all__ = ["DPoPRequestsAuth"]
 _DROPPED_FOR_REQUESTS = frozenset({"host", "content-length"})  # requests sets its own
 
 
-class DPoPRequestsAuth(AuthBase):
+class DPoPRequestsAuth(FlowClient, AuthBase):
     """A ``requests`` auth that sends every request with a DPoP-bound token and a fresh proof.
 
     Args:
@@ -88,59 +87,6 @@ class DPoPRequestsAuth(AuthBase):
         self._own_session: requests.Session | None = None
         self._session_guard = threading.Lock()
         self._timeout = timeout
-
-    @property
-    def flow(self) -> DPoPFlow:
-        """The client-independent protocol state."""
-        return self._flow
-
-    @property
-    def proofs(self) -> DPoPProofBuilder:
-        """The current key's proof builder."""
-        return self._flow.proofs
-
-    @property
-    def nonces(self) -> NonceCache:
-        """The per-origin nonce cache."""
-        return self._flow.nonces
-
-    @property
-    def jkt(self) -> str:
-        """RFC 7638 thumbprint of the DPoP key: what tokens are bound to (``cnf.jkt``)."""
-        return self._flow.proofs.jkt
-
-    @property
-    def token(self) -> AccessToken | None:
-        """The cached token, fresh or not."""
-        entry = self._flow.cache.entry
-        return None if entry is None else entry.token
-
-    @property
-    def token_requests(self) -> int:
-        """How many token requests this auth has sent (retries included)."""
-        return self._flow.token_requests
-
-    @property
-    def clock_skew(self) -> float | None:
-        """Last measured server clock minus local clock, in seconds."""
-        return self._flow.skew
-
-    @property
-    def token_store(self) -> str:
-        """Where tokens are shared: ``memory``, or the store's URL with credentials masked."""
-        return self._flow.store.url if self._flow.shared else "memory"
-
-    def invalidate(self) -> None:
-        """Forget the cached token; the next request fetches a new one."""
-        self._flow.invalidate()
-
-    def rotate(self, new_signer: Signer) -> str:
-        """Make ``new_signer`` the DPoP key (see `dpop_signer.DPoPAuth.rotate`)."""
-        return self._flow.rotate(new_signer)
-
-    def close(self) -> None:
-        """Close the token store opened from a ``token_store`` URL (a store object is not)."""
-        self._flow.close()
 
     def get_token(self) -> AccessToken:
         """The current token: cached, or fetched (one fetch at a time).

@@ -680,6 +680,13 @@ class DPoPFlow:
                 raise self._shared_failure(failure)
             lease: str | None = yield TakeLease(store, key, ttl)
             if lease is not None:
+                # Another process may have stored its token and released the lease between
+                # the snapshot above and this lease: look once more before fetching.
+                again: Snapshot = yield StoreCall(store.snapshot, (key,))
+                entry = self._adopt(again.token, proofs, rejected)
+                if entry is not None:
+                    yield ReleaseLease(store, key, lease)
+                    return entry
                 return (yield from self._fetch_leased(key, lease, failure, timeout))
             outcome: Outcome = yield AwaitFetch(store, key, ttl + _WAIT_SLACK, self.clock)
             entry = self._adopt(outcome.token, proofs, rejected)
@@ -713,6 +720,14 @@ class DPoPFlow:
         lease: str | None = yield TakeLease(store, key, _lease_ttl(timeout))
         if lease is None:
             return None  # another process is renewing: ``current`` is still good
+        # A renewal stored (and its lease released) since the snapshot: take it, not a fetch.
+        again: Snapshot = yield StoreCall(store.snapshot, (key,))
+        stored = again.token
+        if stored is not None and _later(stored, current):
+            entry = self._adopt(stored, proofs, rejected)
+            if entry is not None and self.cache.fresh(proofs, rejected) is entry:
+                yield ReleaseLease(store, key, lease)
+                return entry
         return (yield from self._fetch_leased(key, lease, failure, timeout))
 
     def _fetch_leased(

@@ -101,8 +101,20 @@ def nodelay_transport() -> httpx.HTTPTransport:
 
 
 def run_dpop(
-    args: list[str], log_dir: Path, env: Mapping[str, str] | None = None
+    args: list[str],
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    nofile: int | None = None,
 ) -> subprocess.Popen[bytes]:
+    """Start ``dpop ARGS``; ``nofile`` sets the child's open-files limit (never the runner's)."""
+
+    def limit() -> None:
+        import resource
+
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "stdout", "wb") as out, open(log_dir / "stderr", "wb") as err:
         return subprocess.Popen(
@@ -111,6 +123,7 @@ def run_dpop(
             stderr=err,
             stdin=subprocess.DEVNULL,
             env=clean_env(env),
+            preexec_fn=None if nofile is None else limit,
         )
 
 
@@ -120,9 +133,13 @@ def start_service(
     *,
     env: Mapping[str, str] | None = None,
     api_key: str | None = None,
+    nofile: int | None = None,
 ) -> ServiceProcess:
-    """Start ``dpop ARGS`` (``serve ...`` or ``proxy ...``) and wait until it listens."""
-    process = run_dpop(args, log_dir, env)
+    """Start ``dpop ARGS`` (``serve ...`` or ``proxy ...``) and wait until it listens.
+
+    ``nofile``: the child's open-files limit (soft and hard), set in the child only.
+    """
+    process = run_dpop(args, log_dir, env, nofile=nofile)
     service = ServiceProcess(process, log_dir, api_key=api_key)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -158,50 +175,6 @@ def write_api_key(path: Path) -> str:
     path.write_text(key + "\n")
     path.chmod(0o600)
     return key
-
-
-def start_service_limited(
-    args: list[str],
-    log_dir: Path,
-    *,
-    nofile: int,
-    env: Mapping[str, str] | None = None,
-    api_key: str | None = None,
-) -> ServiceProcess:
-    """`start_service` with the child's open-files limit (soft and hard) set to ``nofile``.
-
-    The limit is set in the child only (``preexec_fn``), never on the test runner.
-    """
-    import resource
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "stdout", "wb") as out, open(log_dir / "stderr", "wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dpop_signer", *args],
-            stdout=out,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            env=clean_env(env),
-            preexec_fn=limit,
-        )
-    service = ServiceProcess(process, log_dir, api_key=api_key)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        for event in _safe_events(log_dir):
-            if event.get("event") == "listening":
-                service.address = str(event["address"])
-                return service
-        if process.poll() is not None:
-            raise AssertionError(
-                f"dpop exited with {process.returncode} before listening:\n"
-                + service.logs()[-3000:]
-            )
-        time.sleep(0.05)
-    service.stop(signal.SIGKILL)
-    raise AssertionError(f"dpop did not listen within {START_TIMEOUT} s:\n{service.logs()[-3000:]}")
 
 
 def raw_exchange(address: str, request: bytes, *, timeout: float = 10.0) -> bytes:

@@ -26,7 +26,6 @@ from tests.service_support import (
     ServiceProcess,
     raw_exchange,
     start_service,
-    start_service_limited,
     status_of,
     write_api_key,
 )
@@ -84,7 +83,7 @@ def start_serve(
         if nofile is None:
             service = start_service(args, log_dir, env=env, api_key=key)
         else:
-            service = start_service_limited(args, log_dir, nofile=nofile, env=env, api_key=key)
+            service = start_service(args, log_dir, nofile=nofile, env=env, api_key=key)
         started.append(service)
         return service
 

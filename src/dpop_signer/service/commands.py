@@ -244,19 +244,14 @@ def serve(
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     from dpop_signer.service.metrics import Metrics
     from dpop_signer.service.runner import ConnectionLimits
-    from dpop_signer.service.security import bind_listener, parse_origins
+    from dpop_signer.service.security import parse_origins
 
     settings, listen, api_keys = _prepare(ctx, DEFAULT_LISTEN, allow_unauthenticated, log_level)
     origins = parse_origins(settings.allow_origin)
     if settings.token_url is not None or settings.client_id is not None:
         # With --issuer, discovery finds the token endpoint.
         settings.require(*(("client_id",) if settings.issuer else ("token_url", "client_id")))
-    metrics_dir = _metrics_dir()
-    settings = _workers_store(settings, workers, metrics_dir)
-    if workers > 1:
-        # Checked once here, so a wrong key or PIN is tried once, not once per worker.
-        _open_key(settings, Metrics()).close()
-    sock = bind_listener(listen)
+    settings, metrics_dir, sock = _prepare_workers(settings, workers, listen)
 
     def run(index: int | None) -> bool:
         from dpop_signer.service.app import ServiceState, create_signer_app
@@ -292,6 +287,24 @@ def serve(
 
     if not _run(workers, run, listen, sock, metrics_dir):
         raise click.ClickException("the service failed to start; see the log lines above")
+
+
+def _prepare_workers(
+    settings: Settings, workers: int, listen: Listen
+) -> tuple[Settings, Path, Any]:
+    """Settings with the workers' default store, their scratch directory, the bound socket.
+
+    With ``--workers`` the key is opened once here and closed, so a wrong key or PIN is tried
+    once, not once per worker.
+    """
+    from dpop_signer.service.metrics import Metrics
+    from dpop_signer.service.security import bind_listener
+
+    scratch = _metrics_dir()
+    settings = _workers_store(settings, workers, scratch)
+    if workers > 1:
+        _open_key(settings, Metrics()).close()
+    return settings, scratch, bind_listener(listen)
 
 
 def _client_factory(settings: Settings, metrics: Metrics, **extra: Any) -> Callable[[], Any]:
@@ -458,7 +471,6 @@ def proxy(
     """  # noqa: D301 - click's \b keeps the examples unwrapped
     from dpop_signer.service.metrics import Metrics
     from dpop_signer.service.runner import ConnectionLimits
-    from dpop_signer.service.security import bind_listener
     from dpop_signer.urls import check_http_url
 
     settings, listen, api_keys = _prepare(
@@ -470,12 +482,7 @@ def proxy(
         upstream = check_http_url(settings.upstream, "--upstream")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    scratch = _metrics_dir()
-    settings = _workers_store(settings, workers, scratch)
-    if workers > 1:
-        # Checked once here, so a wrong key or PIN is tried once, not once per worker.
-        _open_key(settings, Metrics()).close()
-    sock = bind_listener(listen)
+    settings, scratch, sock = _prepare_workers(settings, workers, listen)
 
     def run(index: int | None) -> bool:
         from dpop_signer.service.proxy import ProxyState, ReplayBudget, create_proxy_app

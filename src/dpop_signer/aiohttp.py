@@ -117,13 +117,6 @@ class DPoPMiddleware(FlowClient):
         finally:
             await runner.aclose()
 
-    def __repr__(self) -> str:
-        source = self._flow.source
-        return (
-            f"DPoPMiddleware(token_url={source.htu!r}, client_id={source.client_id!r}, "
-            f"client_auth={source.client_auth!r}, jkt={self.jkt!r})"
-        )
-
     async def _until_api(
         self,
         session: aiohttp.ClientSession,

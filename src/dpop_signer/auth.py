@@ -280,13 +280,6 @@ class DPoPAuth(FlowClient, httpx.Auth):
         runner = drive_async(self._api_flow(request), self._flow.async_gate())
         return self._httpx_async(runner, request)
 
-    def __repr__(self) -> str:
-        source = self._flow.source
-        return (
-            f"DPoPAuth(token_url={source.htu!r}, client_id={source.client_id!r}, "
-            f"client_auth={source.client_auth!r}, jkt={self.jkt!r})"
-        )
-
     # -- httpx drivers: send, read token bodies, translate answers --------------------------
 
     def _api_flow(self, request: httpx.Request) -> Flow[None]:

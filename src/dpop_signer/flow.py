@@ -1238,6 +1238,14 @@ class FlowClient:
         """Close the token store opened from a ``token_store`` URL (a store object is not)."""
         self._flow.close()
 
+    def __repr__(self) -> str:
+        # No secret, token or proof: the token URL as htu (no user info, no query).
+        source = self._flow.source
+        return (
+            f"{type(self).__name__}(token_url={source.htu!r}, client_id={source.client_id!r}, "
+            f"client_auth={source.client_auth!r}, jkt={self.jkt!r})"
+        )
+
     def rotate(self, new_signer: Signer) -> str:
         """Make ``new_signer`` the DPoP key from now on; returns its thumbprint (`jkt`).
 

@@ -132,13 +132,6 @@ class DPoPRequestsAuth(FlowClient, AuthBase):
         request.register_hook("response", _Exchange(self, runner).on_response)  # type: ignore[no-untyped-call]
         return request
 
-    def __repr__(self) -> str:
-        source = self._flow.source
-        return (
-            f"DPoPRequestsAuth(token_url={source.htu!r}, client_id={source.client_id!r}, "
-            f"client_auth={source.client_auth!r}, jkt={self.jkt!r})"
-        )
-
     # -- the driver ------------------------------------------------------------------------
 
     def _until_api(self, runner: Generator[Exchange, Any, Any], step: Exchange) -> SendApi:
